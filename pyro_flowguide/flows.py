@@ -1,0 +1,212 @@
+r"""The registry of flow families: one table from a name to how the family is built.
+
+Every Zuko flow family is listed once, with its Zuko class, the default
+hyper-parameters this package uses, which direction of the Zuko transform is a
+single network pass, and the support it models. Guides and density code look
+families up here; nothing else tests for a family by name.
+
+Zuko's convention: ``flow.transform(c)`` maps *data* to the *base* space
+("normalising" direction). For autoregressive families that direction is one
+network pass and the other takes one pass per feature; coupling, element-wise
+and continuous families cost the same both ways.
+
+Example:
+    >>> from pyro_flowguide.flows import get_flow, flow_names
+    >>> get_flow("nsf").name
+    'NSF'
+    >>> "MAF" in flow_names()
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from ._zuko import zuko
+
+__all__ = [
+    "FlowSpec",
+    "FLOWS",
+    "UnknownFlowError",
+    "base_distribution",
+    "flow_names",
+    "get_flow",
+]
+
+
+class UnknownFlowError(ValueError):
+    """A flow name that the registry does not hold."""
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    r"""How to build one flow family.
+
+    Arguments:
+        name: The canonical name (Zuko's class name).
+        build: The Zuko ``Flow`` class; called as ``build(features, context, **hyper)``.
+        defaults: Hyper-parameters used unless the caller overrides them.
+        fast: Which direction of the Zuko transform is one network pass:
+            ``"normalize"`` (data to base only, autoregressive families) or
+            ``"both"`` (coupling, element-wise and continuous families).
+        analytic_inverse: Whether the inverse is closed form. When ``False``
+            the inverse is found numerically (bisection or an ODE solve).
+        support: ``"real"`` or ``"circular"`` (features in :math:`[-\pi, \pi)`).
+        summary: One line for tables and error messages.
+    """
+
+    name: str
+    build: Callable[..., Any]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    fast: str = "normalize"
+    analytic_inverse: bool = True
+    support: str = "real"
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    def make(self, features: int, context: int = 0, **hyper: Any) -> Any:
+        """Builds the Zuko flow with the registry defaults overridden by ``hyper``."""
+        return self.build(features, context, **{**self.defaults, **hyper})
+
+
+_HIDDEN = (64, 64)
+
+FLOWS: Mapping[str, FlowSpec] = MappingProxyType(
+    {
+        spec.name.lower(): spec
+        for spec in (
+            FlowSpec(
+                "MAF",
+                zuko.flows.MAF,
+                {"transforms": 3, "hidden_features": _HIDDEN},
+                summary="masked autoregressive flow, affine",
+            ),
+            FlowSpec(
+                "NSF",
+                zuko.flows.NSF,
+                {"transforms": 3, "bins": 8, "hidden_features": _HIDDEN},
+                summary="autoregressive rational-quadratic splines on [-5, 5], linear tails",
+            ),
+            FlowSpec(
+                "NCSF",
+                zuko.flows.NCSF,
+                {"transforms": 3, "bins": 8, "hidden_features": _HIDDEN},
+                support="circular",
+                summary="circular splines for angles in [-pi, pi)",
+            ),
+            FlowSpec(
+                "NAF",
+                zuko.flows.NAF,
+                {"transforms": 3, "signal": 16, "hidden_features": _HIDDEN},
+                analytic_inverse=False,
+                summary="neural autoregressive flow (monotonic networks)",
+            ),
+            FlowSpec(
+                "UNAF",
+                zuko.flows.UNAF,
+                {"transforms": 3, "signal": 16, "hidden_features": _HIDDEN},
+                analytic_inverse=False,
+                summary="unconstrained monotonic neural autoregressive flow",
+            ),
+            FlowSpec(
+                "SOSPF",
+                zuko.flows.SOSPF,
+                {"transforms": 3, "degree": 4, "polynomials": 3, "hidden_features": _HIDDEN},
+                analytic_inverse=False,
+                summary="sum-of-squares polynomial flow",
+            ),
+            FlowSpec(
+                "BPF",
+                zuko.flows.BPF,
+                {"transforms": 3, "degree": 16, "hidden_features": _HIDDEN},
+                analytic_inverse=False,
+                summary="Bernstein polynomial flow on [-5, 5]",
+            ),
+            FlowSpec(
+                "NICE",
+                zuko.flows.NICE,
+                {"transforms": 3, "hidden_features": _HIDDEN},
+                fast="both",
+                summary="coupling flow (affine coupling, as Zuko builds it)",
+            ),
+            FlowSpec(
+                "RealNVP",
+                zuko.flows.RealNVP,
+                {"transforms": 3, "hidden_features": _HIDDEN},
+                fast="both",
+                summary="affine coupling flow",
+            ),
+            FlowSpec(
+                "GF",
+                zuko.flows.GF,
+                {"transforms": 3, "components": 8},
+                fast="both",
+                analytic_inverse=False,
+                summary="Gaussianization flow (element-wise mixtures and rotations)",
+            ),
+            FlowSpec(
+                "CNF",
+                zuko.flows.CNF,
+                {"hidden_features": _HIDDEN},
+                fast="both",
+                analytic_inverse=False,
+                summary="continuous normalizing flow (ODE, exact trace)",
+            ),
+        )
+    }
+)
+
+_REFUSED = {
+    "gmm": "GMM is a Gaussian mixture, not a bijection: it has no transform to wrap. "
+    "Use a flow family, e.g. 'NSF', for multimodal targets.",
+}
+
+
+def flow_names() -> list[str]:
+    """The canonical names of all registered flow families."""
+    return [spec.name for spec in FLOWS.values()]
+
+
+def get_flow(name: str) -> FlowSpec:
+    """Looks a family up by name, case-insensitively.
+
+    Raises:
+        UnknownFlowError: if the name is not registered (the message lists the
+            valid names) or names something that is not a bijection.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a flow name must be a string, got {type(name).__name__}")
+    key = name.lower()
+    if key in _REFUSED:
+        raise UnknownFlowError(_REFUSED[key])
+    if key not in FLOWS:
+        raise UnknownFlowError(
+            f"unknown flow {name!r}; valid names are {', '.join(flow_names())} "
+            "(case-insensitive), or pass a Zuko flow class or LazyTransform"
+        )
+    return FLOWS[key]
+
+
+def base_distribution(
+    support: str, features: int, dtype: torch.dtype = torch.float32, device: Any = None
+):
+    r"""The base distribution a family of the given support is paired with.
+
+    A standard normal for real features, a uniform on :math:`[-\pi, \pi)` for
+    circular ones; an event of ``features`` dimensions either way.
+    """
+    import pyro.distributions as dist
+
+    if support == "circular":
+        lim = torch.full((features,), math.pi, dtype=dtype, device=device)
+        return dist.Uniform(-lim, lim).to_event(1)
+    zeros = torch.zeros(features, dtype=dtype, device=device)
+    return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
