@@ -165,7 +165,10 @@ def _observed_sites(trace):
     return [
         (name, site)
         for name, site in trace.nodes.items()
-        if site["type"] == "sample" and site["is_observed"] and not site["infer"].get("_do_not_trace")
+        if site["type"] == "sample"
+        and site["is_observed"]
+        and not site["infer"].get("_do_not_trace")
+        and not site["infer"].get("_deterministic")
     ]
 
 
@@ -174,7 +177,7 @@ def _latent_sites(trace):
         (name, site)
         for name, site in trace.nodes.items()
         if site["type"] == "sample"
-        and not site["is_observed"]
+        and (not site["is_observed"] or site["infer"].get("_deterministic"))
         and not site["infer"].get("_do_not_trace")
         and not site["infer"].get("is_auxiliary")
     ]
@@ -286,7 +289,11 @@ def psis_diagnostic(
     """
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2, got {num_samples}")
-    draws = _draw(model, guide, args, kwargs, num_samples)
+    return _psis_from_draws(_draw(model, guide, args, kwargs, num_samples))
+
+
+def _psis_from_draws(draws: _Draws) -> PSISResult:
+    num_samples = draws.num_samples
     log_weights = draws.log_joint - draws.log_q
     lw = log_weights.double()
     if not torch.isfinite(lw).all():
