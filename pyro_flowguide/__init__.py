@@ -3,10 +3,48 @@
 __version__ = "0.1.0"
 
 from . import flows, transforms
+from . import arviz, density, diagnostics, infer, plots
+from .arviz import to_inference_data
+from .density import DensityFit, fit_density
+from .diagnostics import PSISResult, psis_diagnostic
+from .infer import (
+    Callback,
+    Checkpoint,
+    CheckpointMismatchError,
+    ClearFlowCaches,
+    EarlyStopping,
+    FitResult,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    ProgressBar,
+    fit,
+    load_checkpoint,
+)
 from .flows import FLOWS, FlowSpec, UnknownFlowError, flow_names, get_flow
 from .transforms import ConditionalFlowTransform, FlowTransform, flow_transform
 
 __all__ = [
+    "Callback",
+    "Checkpoint",
+    "CheckpointMismatchError",
+    "ClearFlowCaches",
+    "DensityFit",
+    "EarlyStopping",
+    "FitResult",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
+    "PSISResult",
+    "ProgressBar",
+    "arviz",
+    "density",
+    "diagnostics",
+    "fit",
+    "fit_density",
+    "infer",
+    "load_checkpoint",
+    "plots",
+    "psis_diagnostic",
+    "to_inference_data",
     "FLOWS",
     "ConditionalFlowTransform",
     "FlowSpec",
