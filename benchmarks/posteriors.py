@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,9 @@ class ZukoFlowGuide:
             x = transform(u)
             log_density = transform.inv.log_abs_det_jacobian(x, u)
             log_density = sum_rightmost(log_density, log_density.dim() - x.dim() + event_dim)
-            with _plates(frames):
+            with ExitStack() as stack:
+                for f in frames:  # re-enter the model's vectorised plates
+                    stack.enter_context(pyro.plate(f.name, f.size, dim=f.dim))
                 values[name] = pyro.sample(
                     name, dist.Delta(x, log_density=log_density, event_dim=event_dim)
                 )
@@ -195,21 +198,6 @@ class ZukoFlowGuide:
 
     def parameters(self):
         return self.flow.parameters()
-
-
-class _plates:
-    """Re-enters the model's vectorised plates (same name, size, dim)."""
-
-    def __init__(self, frames) -> None:
-        self.plates = [pyro.plate(f.name, f.size, dim=f.dim) for f in frames]
-
-    def __enter__(self) -> None:
-        for p in self.plates:
-            p.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        for p in reversed(self.plates):
-            p.__exit__(*exc)
 
 
 # ------------------------------------------------------------------------- registry
@@ -301,9 +289,10 @@ def _train_fit(target: Target, guide: Any, steps: int) -> tuple[list[float], lis
     except ImportError as e:
         raise GuideUnavailable("pyro_flowguide.fit does not exist yet") from e
     t0 = time.perf_counter()
-    result = fit(target.model, guide, steps=steps)
+    # every training default of fit(); only its progress bar is turned off
+    result = fit(target.model, guide, steps=steps, progress=False)
     wall = time.perf_counter() - t0
-    losses = list(getattr(result, "losses", []) or [])
+    losses = [float(x) for x in np.asarray(getattr(result, "losses", []), dtype=float)]
     done = max(len(losses), 1)
     # fit() reports no per-step times: use the mean, which includes its overheads
     return losses, [wall / done] * done
