@@ -1,0 +1,411 @@
+"""fit(): non-finite guard, early stopping, checkpoints and resume, progress, memory."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+import pyro_flowguide as pfg
+from pyro_flowguide.infer import (
+    Callback,
+    CheckpointMismatchError,
+    EarlyStopping,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    fit,
+    load_checkpoint,
+)
+from pyro_flowguide.transforms import flow_transform
+
+torch.set_num_threads(1)
+
+DATA = torch.tensor([0.3, -1.2, 0.8, 2.1, 0.4, -0.5, 1.7, 0.9])
+FLAGS = {"mode": None}
+
+
+def model(y):
+    z = pyro.sample("z", dist.Normal(0.0, 3.0))
+    loc = z
+    if FLAGS["mode"] == "param":
+        loc = z * math.nan  # Pyro's validation rejects it; without validation the loss is NaN
+    if FLAGS["mode"] == "grad":
+        # Finite value (0), NaN gradient: d sqrt(u)/du at u = 0 times du/dz = 0.
+        pyro.factor("kink", torch.sqrt(z - z))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+
+def flow_guide(y):
+    """A hand-written flow guide: affine then a small MAF, registered with pyro.module."""
+    T = pyro.module("maf", _FLOW["T"])
+    loc = pyro.param("loc", torch.zeros(1))
+    base = dist.Normal(loc, 1.0).to_event(1)
+    z = pyro.sample("z_vec", dist.TransformedDistribution(base, [T]), infer={"is_auxiliary": True})
+    pyro.sample("z", dist.Delta(z[..., 0]))
+
+
+_FLOW: dict = {}
+
+
+def _new_flow_guide():
+    torch.manual_seed(123)
+    _FLOW["T"] = flow_transform("MAF", features=1, hidden_features=(8, 8), transforms=1)
+    return flow_guide
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    pyro.clear_param_store()
+    FLAGS["mode"] = None
+    yield
+    FLAGS["mode"] = None
+    pyro.clear_param_store()
+
+
+def _params() -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
+
+
+def _same(a, b) -> bool:
+    """Bitwise equality of nested dicts/lists of tensors and numbers."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b
+
+
+class BadSteps(Callback):
+    """Makes the model non-finite on the chosen (1-based) steps; records state after each step."""
+
+    def __init__(self, mode: str, bad: set[int], forever_from: int | None = None):
+        self.mode, self.bad, self.forever_from = mode, bad, forever_from
+        self.params, self.optim = [], []
+
+    def _arm(self, next_step: int) -> None:
+        on = next_step in self.bad or (self.forever_from is not None and next_step >= self.forever_from)
+        FLAGS["mode"] = self.mode if on else None
+
+    def on_start(self, state):
+        self.params.append(_params())
+        self.optim.append(copy.deepcopy(state.optim.get_state()))
+        self._arm(state.step + 1)
+
+    def on_step(self, state):
+        self.params.append(_params())
+        self.optim.append(copy.deepcopy(state.optim.get_state()))
+        self._arm(state.step + 1)
+
+
+# ---------------------------------------------------------------------------- 1. NaN guard
+
+
+@pytest.mark.parametrize(
+    "mode,validate",
+    [("param", True), ("param", False), ("grad", True)],
+    ids=["invalid-parameter-error", "nan-loss", "nan-gradient"],
+)
+def test_non_finite_steps_are_skipped_bit_exactly(mode, validate):
+    bad = {3, 4, 7}
+    recorder = BadSteps(mode, bad)
+    with pyro.validation_enabled(validate):
+        result = fit(model, AutoNormal(model), DATA, steps=10, progress=False, seed=0, callbacks=[recorder])
+    assert result.num_skipped == len(bad)
+    assert result.stop_reason == "completed"
+    for step in range(1, 11):
+        same_params = _same(recorder.params[step], recorder.params[step - 1])
+        same_optim = _same(recorder.optim[step], recorder.optim[step - 1])
+        if step in bad:
+            assert same_params and same_optim, f"step {step} changed the state"
+        else:
+            assert not same_params, f"step {step} did not update the parameters"
+    if mode == "grad":
+        assert all(math.isfinite(v) for v in result.losses)  # the loss itself was fine
+    else:
+        assert all(not math.isfinite(result.losses[s - 1]) for s in bad)
+    assert all(math.isfinite(result.losses[s - 1]) for s in set(range(1, 11)) - bad)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_consecutive_bad_steps_stop_fit_naming_the_site(validate):
+    recorder = BadSteps("param", set(), forever_from=4)
+    with pyro.validation_enabled(validate), pytest.raises(NonFiniteLossError) as info:
+        fit(
+            model,
+            AutoNormal(model),
+            DATA,
+            steps=50,
+            progress=False,
+            seed=0,
+            callbacks=[recorder, NonFiniteGuard(max_consecutive=5)],
+        )
+    err = info.value
+    assert "5 consecutive steps" in str(err)
+    assert "'y'" in str(err) and any("'y'" in s for s in err.sites)
+    assert not any("'z'" in s for s in err.sites)  # the latent is fine, only the likelihood is not
+    assert err.result.steps == 8 and err.result.num_skipped == 5
+
+
+def test_other_errors_are_not_swallowed():
+    def broken(y):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        raise RuntimeError("a bug in the model")
+
+    with pytest.raises(RuntimeError, match="a bug in the model"):
+        fit(broken, AutoNormal(model), DATA, steps=3, progress=False)
+
+
+# ---------------------------------------------------------------------------- 2. early stopping
+
+
+class Record(Callback):
+    def __init__(self):
+        self.params, self.smoothed = {}, {}
+
+    def on_step(self, state):
+        self.params[state.step] = _params()
+        self.smoothed[state.step] = state.smoothed_loss
+
+
+def test_early_stopping_stops_on_plateau_and_restores_best():
+    record = Record()
+    stopper = EarlyStopping(patience=100, min_delta=0.01)
+    result = fit(
+        model, AutoNormal(model), DATA, steps=5000, progress=False, seed=0, callbacks=[record, stopper]
+    )
+    assert result.stop_reason.startswith("early stopping")
+    assert result.steps < 5000
+    best = stopper.best_step
+    assert result.steps - best == 100
+    # The best smoothed loss is not beaten by more than min_delta afterwards ...
+    assert all(record.smoothed[s] >= stopper.best - 0.01 for s in range(best, result.steps + 1))
+    # ... and the parameters now in the store are exactly those of that step, not the last.
+    assert _same(_params(), record.params[best])
+    assert not _same(record.params[result.steps], record.params[best])
+
+
+# ---------------------------------------------------------------------------- 3. checkpoints
+
+
+def _optim():
+    return pyro.optim.ClippedAdam({"lr": 0.02, "clip_norm": 10.0, "lrd": 0.999})
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, state):
+        if state.step == self.step:
+            state.stop_reason = "stopped by test"
+
+
+@pytest.mark.parametrize("guide_kind", ["autonormal", "flow"])
+def test_resume_is_bit_exact(tmp_path, guide_kind):
+    def make_guide():
+        return AutoNormal(model) if guide_kind == "autonormal" else _new_flow_guide()
+
+    n = 25
+    full = fit(model, make_guide(), DATA, steps=2 * n, optim=_optim(), progress=False, seed=1)
+    want = _params()
+
+    # N steps, checkpoint, then a fresh process state (store, guide, optimiser) resumes N more.
+    path = tmp_path / "ckpt.pt"
+    pyro.clear_param_store()
+    first = fit(model, make_guide(), DATA, steps=n, optim=_optim(), progress=False, seed=1, checkpoint=path)
+    assert first.steps == n and load_checkpoint(path)["step"] == n
+    pyro.clear_param_store()
+    torch.manual_seed(999)  # whatever the RNG state now, the checkpoint's is restored
+    resumed = fit(
+        model, make_guide(), DATA, steps=2 * n, optim=_optim(), progress=False, checkpoint=path, resume=True
+    )
+    assert resumed.steps == 2 * n
+    assert _same(_params(), want)
+    assert torch.equal(torch.as_tensor(resumed.losses), torch.as_tensor(full.losses))
+
+
+def test_resume_with_defaults_after_interruption(tmp_path):
+    full = fit(model, AutoNormal(model), DATA, steps=40, progress=False, seed=2)
+    want = _params()
+    path = tmp_path / "ckpt.pt"
+    pyro.clear_param_store()
+    cut = fit(
+        model, AutoNormal(model), DATA, steps=40, progress=False, seed=2, checkpoint=path, callbacks=[StopAt(17)]
+    )
+    assert cut.stop_reason == "stopped by test" and load_checkpoint(path)["step"] == 17
+    pyro.clear_param_store()
+    resumed = fit(model, AutoNormal(model), DATA, steps=40, progress=False, checkpoint=path, resume=True)
+    assert _same(_params(), want)
+    assert torch.equal(torch.as_tensor(resumed.losses), torch.as_tensor(full.losses))
+
+
+def test_checkpoint_loads_weights_only_and_refuses_other_models(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    fit(model, AutoNormal(model), DATA, steps=5, progress=False, checkpoint=path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["step"] == 5 and "AutoNormal.locs.z" in payload["params"]
+
+    def other(y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(w.sum(-1, keepdim=True), 1.0), obs=y)
+
+    pyro.clear_param_store()
+    with pytest.raises(CheckpointMismatchError, match="AutoNormal.locs.z") as info:
+        fit(other, AutoNormal(other), DATA, steps=10, progress=False, checkpoint=path, resume=True)
+    assert "AutoNormal.locs.w" in str(info.value)
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import io, sys, time, torch, pyro, pyro.distributions as dist
+    from pyro.infer.autoguide import AutoNormal
+    from pyro_flowguide.infer import fit
+
+    real_save, calls = torch.save, []
+
+    def slow_save(obj, f):
+        # Write half of the bytes, announce it, and hang: the parent kills us mid-write.
+        calls.append(1)
+        if len(calls) < 3:
+            return real_save(obj, f)
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        data = buf.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        print("WRITING", flush=True)
+        time.sleep(60)
+
+    torch.save = slow_save
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(1000), 1.0).to_event(1))
+
+    fit(model, AutoNormal(model), steps=100, progress=False, seed=0,
+        checkpoint=sys.argv[1], checkpoint_every=2)
+    """
+)
+
+
+def test_sigkill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "WRITING", proc.stderr.read()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    leftovers = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert leftovers, "the kill did not interrupt a write"
+    payload = load_checkpoint(path)
+    assert payload["step"] == 4  # the last complete checkpoint (steps 2 and 4 were written)
+    assert payload["params"]["AutoNormal.locs.z"].shape == (1000,)
+
+
+# ---------------------------------------------------------------------------- 4. progress
+
+
+def test_progress_false_prints_nothing(capfd):
+    fit(model, AutoNormal(model), DATA, steps=30, progress=False, seed=0)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_progress_bar_shows_the_loss(capfd):
+    fit(model, AutoNormal(model), DATA, steps=30, progress=True, seed=0)
+    _, err = capfd.readouterr()
+    assert "30/30" in err
+    assert re.search(r"loss -?\d+(\.\d+)?", err), err
+
+
+# ---------------------------------------------------------------------------- defaults
+
+
+def test_defaults_follow_protocol_a():
+    optim = pfg.infer.default_optim(3000)
+    torch_optim = optim.pt_optim_constructor
+    assert torch_optim is pyro.optim.clipped_adam.ClippedAdam
+    args = optim.pt_optim_args
+    assert args["lr"] == 1e-2 and args["clip_norm"] == 10.0
+    assert math.isclose(args["lr"] * args["lrd"] ** 3000, 1e-3, rel_tol=1e-9)
+    result = fit(model, AutoNormal(model), DATA, steps=2, progress=False)
+    assert result.num_particles == 4 and result.vectorized is True
+
+
+def test_falls_back_to_sequential_particles_with_one_warning():
+    def shape_bound(y):
+        # A batch dimension without a plate: cannot take an outer particle plate.
+        z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0))
+        pyro.sample("y", dist.Normal(z.sum(), 1.0), obs=y.sum())
+
+    with pytest.warns(UserWarning, match="sequential particles") as record:
+        result = fit(shape_bound, AutoNormal(shape_bound), DATA, steps=5, progress=False)
+    assert len([w for w in record if "sequential" in str(w.message)]) == 1
+    assert result.vectorized is False and result.num_particles == 4
+    assert all(math.isfinite(v) for v in result.losses)
+
+
+def test_result_plot_and_repr():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    result = fit(model, AutoNormal(model), DATA, steps=20, progress=False)
+    assert "steps=20" in repr(result)
+    ax = result.plot()
+    assert ax.get_xlabel() == "step"
+
+
+# ---------------------------------------------------------------------------- 5. memory
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")  # pragma: no cover
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_memory_stays_flat_over_20000_steps():
+    guide = getattr(pfg, "AutoFlowGuide", None)
+
+    def target():
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("w", dist.Normal(z.sum(-1), 1.0))
+
+    if guide is not None:
+        make = lambda: guide(target, hidden_features=(8, 8), transforms=1)  # noqa: E731
+    else:  # a hand-written flow guide exercises the same caches
+        make = None
+    pyro.clear_param_store()
+    g = make() if make else _new_flow_guide()
+    m = target if make else model
+    args = () if make else (DATA,)
+    fit(m, g, *args, steps=500, progress=False, seed=0)  # warm up allocator and lazy imports
+    before = _rss_mb()
+    result = fit(m, g, *args, steps=20_000, progress=False)
+    grown = _rss_mb() - before
+    assert result.steps == 20_000
+    assert grown < 20, f"RSS grew by {grown:.1f} MB"
