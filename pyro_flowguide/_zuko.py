@@ -13,6 +13,7 @@ _validate_before = Distribution._validate_args
 import zuko  # noqa: E402
 import zuko.flows  # noqa: E402
 import zuko.lazy  # noqa: E402
+import zuko.nn  # noqa: E402
 
 Distribution._validate_args = _validate_before
 

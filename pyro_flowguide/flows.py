@@ -69,9 +69,6 @@ class FlowSpec:
     support: str = "real"
     summary: str = ""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
-
     def make(self, features: int, context: int = 0, **hyper: Any) -> Any:
         """Builds the Zuko flow with the registry defaults overridden by ``hyper``."""
         return self.build(features, context, **{**self.defaults, **hyper})

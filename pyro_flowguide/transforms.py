@@ -62,6 +62,15 @@ def _check_direction(direction: str) -> None:
         raise ValueError(f"direction must be 'sample' or 'density', got {direction!r}")
 
 
+def _param_tuple(module: nn.Module) -> tuple[Tensor, ...]:
+    # Walking the module tree costs more than the flow itself at small sizes,
+    # so the tuple is kept until the module is moved or cast (_apply).
+    params = module.__dict__.get("_param_tuple")
+    if params is None:
+        params = module.__dict__["_param_tuple"] = tuple(module.parameters())
+    return params
+
+
 def _versions(params: tuple[Tensor, ...]) -> int:
     return sum(p._version for p in params)
 
@@ -175,7 +184,11 @@ class FlowTransform(_OnePassMixin, TransformModule):
         return self.lazy(None)
 
     def _params(self) -> tuple[Tensor, ...]:
-        return tuple(self.parameters())
+        return _param_tuple(self)
+
+    def _apply(self, *args: Any, **kwargs: Any):
+        self.__dict__.pop("_param_tuple", None)
+        return super()._apply(*args, **kwargs)
 
     def forward_shape(self, shape):
         return shape
@@ -203,7 +216,7 @@ class _ConditionedFlowTransform(_OnePassMixin, Transform):
         return self.parent.lazy(self.context)
 
     def _params(self) -> tuple[Tensor, ...]:
-        return tuple(self.parent.parameters())
+        return _param_tuple(self.parent)
 
     def forward_shape(self, shape):
         return shape
@@ -272,6 +285,10 @@ class ConditionalFlowTransform(ConditionalTransformModule):
     def clear_cache(self) -> None:
         """Conditioned transforms are built per call, so there is nothing to keep."""
 
+    def _apply(self, *args: Any, **kwargs: Any):
+        self.__dict__.pop("_param_tuple", None)
+        return super()._apply(*args, **kwargs)
+
 
 def zero_output_layers(lazy: nn.Module) -> nn.Module:
     """Zeroes the last linear layer of every hyper-network in a Zuko flow (in place).
@@ -281,21 +298,25 @@ def zero_output_layers(lazy: nn.Module) -> nn.Module:
     parameters (no context) are zeroed too.
     """
     for module in lazy.modules():
-        hyper = getattr(module, "hyper", None)
-        if isinstance(hyper, nn.Module):
-            linears = [m for m in hyper.modules() if isinstance(m, nn.Linear)]
-            if linears:
-                nn.init.zeros_(linears[-1].weight)
-                nn.init.zeros_(linears[-1].bias)
+        for name in ("hyper", "ode"):  # masked/coupling/element-wise networks, CNF fields
+            net = getattr(module, name, None)
+            if isinstance(net, nn.Module):
+                _zero_last_linear(net)
         if isinstance(module, zuko.flows.ElementWiseTransform) and hasattr(module, "phi"):
             for p in module.phi:
                 nn.init.zeros_(p)
-        ode = getattr(module, "ode", None)
-        if isinstance(ode, nn.Module):
-            linears = [m for m in ode.modules() if isinstance(m, nn.Linear)]
-            nn.init.zeros_(linears[-1].weight)
-            nn.init.zeros_(linears[-1].bias)
     return lazy
+
+
+def _zero_last_linear(net: nn.Module) -> None:
+    linears = [m for m in net.modules() if isinstance(m, _LINEAR_TYPES)]
+    if linears:
+        nn.init.zeros_(linears[-1].weight)
+        if linears[-1].bias is not None:
+            nn.init.zeros_(linears[-1].bias)
+
+
+_LINEAR_TYPES = (nn.Linear, zuko.nn.Linear)
 
 
 def flow_transform(

@@ -1,0 +1,553 @@
+r"""``AutoFlowGuide``: a normalizing-flow posterior over every continuous latent of a model.
+
+The guide traces the model once, maps each latent site to unconstrained space
+with ``biject_to(site support)``, flattens all of them into one vector
+:math:`u \in \mathbb{R}^D` and gives that vector the posterior
+
+.. math:: u = \mu + L \, f_\theta(\varepsilon), \qquad \varepsilon \sim \mathcal{N}(0, I_D),
+
+where :math:`f_\theta` is a flow that starts at the identity and
+:math:`\mu + L\,\cdot` is a learnable affine stage (full-rank lower-triangular
+:math:`L` by default). At initialisation the guide is therefore exactly a
+Gaussian centred at the model's init values (``init_loc_fn``) with scale
+``init_scale``, as ``AutoNormal`` / ``AutoMultivariateNormal`` start; the flow
+then only has to learn what a Gaussian cannot.
+
+Why this shape (measured on the benchmark targets, ``benchmarks/posteriors.py``):
+
+* the flow runs in *standardised* coordinates, where its splines' domain covers
+  the draws and its networks see inputs of unit scale;
+* the affine stage makes the guide at least as good as a full-rank Gaussian on
+  near-Gaussian posteriors, where flows alone are slow to learn correlations;
+* the flow is applied in its one-pass direction (``direction="sample"``), so a
+  draw and its log-density come from a single network pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoContinuous, AutoGuide
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn.module import PyroParam
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor, nn
+from pyro.distributions import constraints
+from torch.distributions import Transform, biject_to
+
+from ._zuko import zuko
+from .flows import get_flow
+from .transforms import _param_tuple, flow_transform
+
+__all__ = [
+    "AutoFlowGuide",
+    "DEFAULT_FLOW",
+    "GuideSetupError",
+]
+
+#: The family used when ``flow`` is not given; chosen on the benchmark targets.
+DEFAULT_FLOW = "NSF"
+
+
+class GuideSetupError(ValueError):
+    """A model that this guide cannot serve, with the site and the fix in the message."""
+
+
+def _hidden_size(dim: int) -> int:
+    return max(64, 4 * dim)
+
+
+class _TrilAffine(Transform):
+    r"""The affine stage :math:`x \mapsto \mu + L x`, ``L = diag(scale) @ unit_tril``.
+
+    The owning guide passes its current parameters in per call, so this object
+    holds none and is cheap to build each step.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = +1
+
+    def __init__(self, loc: Tensor, scale: Tensor, unit_tril: Tensor | None) -> None:
+        super().__init__()
+        self.loc = loc
+        self.scale = scale
+        self.unit_tril = unit_tril
+
+    def _call(self, x: Tensor) -> Tensor:
+        if self.unit_tril is not None:
+            x = (self.unit_tril @ x.unsqueeze(-1)).squeeze(-1)
+        return self.loc + self.scale * x
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        x = (y - self.loc) / self.scale
+        if self.unit_tril is not None:
+            x = torch.linalg.solve_triangular(
+                self.unit_tril, x.unsqueeze(-1), upper=False, unitriangular=True
+            ).squeeze(-1)
+        return x
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.scale.log().sum(-1).expand(x.shape[:-1])
+
+
+def _forward_with_ladj(parts: Sequence[Transform], x: Tensor) -> tuple[Tensor, Tensor]:
+    total = 0.0
+    for t in parts:
+        if hasattr(t, "call_and_ladj"):
+            y, ladj = t.call_and_ladj(x)
+        else:
+            y = t(x)
+            ladj = t.log_abs_det_jacobian(x, y)
+        total = total + _event_sum(ladj, t)
+        x = y
+    return x, total
+
+
+def _inverse_with_ladj(parts: Sequence[Transform], y: Tensor) -> tuple[Tensor, Tensor]:
+    """Maps ``y`` back to the base space; returns ``(x, log|det J|)`` of the forward map at x."""
+    total = 0.0
+    for t in reversed(parts):
+        x = t.inv(y)
+        total = total + _event_sum(t.log_abs_det_jacobian(x, y), t)
+        y = x
+    return y, total
+
+
+def _event_sum(ladj: Tensor, t: Transform) -> Tensor:
+    # Element-wise transforms (event_dim 0) report one term per coordinate.
+    return ladj.sum(-1) if t.domain.event_dim == 0 else ladj
+
+
+class _FlowPosterior(dist.TorchDistribution):
+    r"""The guide's distribution over the flat unconstrained latent vector.
+
+    A draw and its log-density come from one forward pass and the log-density
+    is kept for the draw, so scoring one's own samples inverts nothing. With
+    ``detached_parts`` (sticking the landing) draws are scored by an inverse pass
+    through parameter-detached copies of the transforms instead: the gradient
+    then flows only along the sampling path, and its variance vanishes as the
+    guide approaches the posterior.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(
+        self,
+        base: dist.Distribution,
+        parts: Sequence[Transform],
+        detached_parts: Sequence[Transform] | None = None,
+        batch_shape: torch.Size = torch.Size(),
+    ) -> None:
+        self.base = base
+        self.parts = list(parts)
+        self.detached_parts = detached_parts
+        self._last: tuple[Tensor, Tensor] | None = None
+        super().__init__(batch_shape, base.event_shape, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        return _FlowPosterior(self.base, self.parts, self.detached_parts, torch.Size(batch_shape))
+
+    def rsample_and_log_prob(self, sample_shape=torch.Size()) -> tuple[Tensor, Tensor]:
+        eps = self.base.rsample(torch.Size(sample_shape) + self.batch_shape)
+        u, ladj = _forward_with_ladj(self.parts, eps)
+        log_q = self.base.log_prob(eps) - ladj
+        self._last = (u, log_q)
+        return u, log_q
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        return self.rsample_and_log_prob(sample_shape)[0]
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self.detached_parts is not None:
+            eps, ladj = _inverse_with_ladj(self.detached_parts, value)
+            return self.base.log_prob(eps) - ladj
+        last = self._last
+        if last is not None and last[0] is value:
+            return last[1]
+        eps, ladj = _inverse_with_ladj(self.parts, value)
+        return self.base.log_prob(eps) - ladj
+
+
+def _is_pyro_transform_factory(flow: Any) -> bool:
+    return callable(flow) and not isinstance(flow, (str, type, nn.Module))
+
+
+class AutoFlowGuide(AutoContinuous):
+    r"""A normalizing-flow posterior over all continuous latent sites of a model.
+
+    A drop-in for ``AutoNormal`` / ``AutoMultivariateNormal``: construct it with
+    the model, train it with SVI (or :func:`pyro_flowguide.fit`), use it with
+    ``Predictive``, ``median()``, ``quantiles()``.
+
+    Arguments:
+        model: A Pyro model. Every latent site must be continuous; plates must
+            be vectorised and not subsampled (for local latents under a
+            subsampled plate use the amortized guide).
+        flow: The flow applied in standardised coordinates. A registry name
+            (``"NSF"``, ``"MAF"``, ... see :func:`pyro_flowguide.flows.flow_names`),
+            a Zuko flow class, a Zuko ``Flow`` or ``LazyTransform`` instance of the
+            right size, a callable ``dim -> TransformModule`` (or list of them,
+            e.g. Pyro's ``T.planar``, ``T.spline_autoregressive``), or ``None``
+            for no flow (a full-rank Gaussian). Default: ``DEFAULT_FLOW``.
+        init_loc_fn: Per-site initialisation strategy (as for Pyro's autoguides).
+        init_scale: Initial standard deviation of each unconstrained coordinate.
+        covariance: ``"full"`` (lower-triangular affine stage) or ``"diagonal"``.
+            Default: full when the latent dimension is at most 200.
+        hidden_features: Hidden layer sizes of the flow's networks; default
+            ``(H, H)`` with ``H = max(64, 4 D)``.
+        transforms: Number of flow layers (registry families only).
+        estimator: ``"reparam"`` (the plain reparameterisation gradient) or
+            ``"stl"`` ("sticking the landing": draws are scored with
+            parameter-detached transforms, so the gradient's variance vanishes
+            as the guide approaches the posterior; needs invertible transforms
+            and costs one inverse pass per step).
+        hyper: Further hyper-parameters for the Zuko constructor (e.g. ``bins``).
+
+    Example:
+        >>> def model():
+        ...     z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        ...     pyro.sample("x", dist.Normal(z.sum(), 0.5), obs=torch.tensor(1.0))
+        >>> guide = AutoFlowGuide(model)
+        >>> guide()["z"].shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        flow: Any = DEFAULT_FLOW,
+        *,
+        init_loc_fn: Callable = init_to_median,
+        init_scale: float = 0.1,
+        covariance: str | None = None,
+        hidden_features: Sequence[int] | None = None,
+        transforms: int | None = None,
+        estimator: str = "reparam",
+        **hyper: Any,
+    ) -> None:
+        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
+            raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+        if estimator not in ("reparam", "stl"):
+            raise ValueError(
+                f"estimator must be 'reparam' (plain reparameterisation gradient) or "
+                f"'stl' (sticking the landing), got {estimator!r}"
+            )
+        self.estimator = estimator
+        if covariance not in (None, "full", "diagonal"):
+            raise ValueError(f"covariance must be 'full' or 'diagonal', got {covariance!r}")
+        if isinstance(flow, str):
+            spec = get_flow(flow)  # unknown names fail here, before any tracing
+            if spec.support != "real":
+                self._refused_support = spec
+        # Kept in a tuple so a module passed here is not registered twice.
+        self._flow_arg = (flow,)
+        self._init_scale = float(init_scale)
+        self._covariance = covariance
+        self._hyper = dict(hyper)
+        if hidden_features is not None:
+            self._hyper["hidden_features"] = tuple(hidden_features)
+        if transforms is not None:
+            self._hyper["transforms"] = int(transforms)
+        self._model_name = getattr(model, "__name__", type(model).__name__)
+        super().__init__(model, init_loc_fn=_with_feasible_fallback(init_loc_fn))
+
+    _refused_support = None
+
+    # ---------------------------------------------------------------- set-up
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        # AutoGuide's part: trace the model once and record its plates.
+        try:
+            AutoGuide._setup_prototype(self, *args, **kwargs)
+        except NotImplementedError as e:
+            raise GuideSetupError(
+                f"model {self._model_name!r}: {e}. AutoFlowGuide needs vectorised "
+                "plates (pyro.plate with a dim, used as a context manager)."
+            ) from None
+        self._check_sites(args, kwargs)
+        # AutoContinuous's part: the flat unconstrained layout.
+        self._unconstrained_shapes = {}
+        self._cond_indep_stacks = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            self._unconstrained_shapes[name] = (
+                biject_to(site["fn"].support).inv(site["value"]).shape
+            )
+            self._cond_indep_stacks[name] = site["cond_indep_stack"]
+        self.latent_dim = sum(math.prod(shape) for shape in self._unconstrained_shapes.values())
+        if self.latent_dim == 0:
+            raise GuideSetupError(
+                f"model {self._model_name!r} has no latent sample sites: every "
+                "pyro.sample is observed, so there is no posterior to fit. "
+                "Use an empty guide instead."
+            )
+        self._arg_shapes = _shapes_of(args, kwargs)
+        init = self._init_loc()
+        dtype, device = init.dtype, init.device
+        dim = self.latent_dim
+
+        self.loc = nn.Parameter(init)
+        self.scale = PyroParam(
+            torch.full((dim,), self._init_scale, dtype=dtype, device=device),
+            constraints.softplus_positive,
+        )
+        full = self._covariance == "full" or (self._covariance is None and dim <= 200)
+        if full and dim > 1:
+            self.scale_tril = PyroParam(
+                torch.eye(dim, dtype=dtype, device=device), constraints.unit_lower_cholesky
+            )
+        else:
+            self.scale_tril = None
+        self.flow = self._build_flow(dim).to(dtype=dtype, device=device)
+
+    def _check_sites(self, args: tuple, kwargs: dict) -> None:
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            fn = site["fn"]
+            if not fn.support.is_discrete:
+                _bijection(site)
+            if fn.support.is_discrete:
+                raise GuideSetupError(
+                    f"site {name!r} of model {self._model_name!r} is discrete "
+                    f"({type(fn).__name__}); AutoFlowGuide covers continuous latents only. "
+                    "Enumerate it out (@config_enumerate with TraceEnum_ELBO) or use "
+                    "AutoGuideList with AutoFlowGuide on poutine.block(model, hide=[...]) "
+                    "and a discrete guide such as AutoDiscreteParallel for this site."
+                )
+            for frame in site["cond_indep_stack"]:
+                if frame.full_size is not None and frame.full_size != frame.size:
+                    raise GuideSetupError(
+                        f"site {name!r} is inside plate {frame.name!r}, which is "
+                        f"subsampled ({frame.size} of {frame.full_size}); a global flow "
+                        "cannot follow a changing subset of local latents. Use "
+                        f"AutoAmortizedFlowGuide(model, amortized={{{name!r}: ...}}) for "
+                        "local latents, or do not subsample."
+                    )
+            if self._refused_support is not None:
+                raise GuideSetupError(
+                    f"flow {self._refused_support.name!r} models circular features in "
+                    f"[-pi, pi), but site {name!r} (support {fn.support}) is mapped to "
+                    "unbounded unconstrained space by this guide; use 'NSF' instead."
+                )
+        # A non-finite log density at the initial values makes every gradient NaN.
+        # The prototype trace hides observed sites, so trace the model once more.
+        with torch.no_grad():
+            trace = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            with torch.no_grad():
+                lp = site["fn"].log_prob(site["value"])
+            if not torch.isfinite(lp).all():
+                kind = "observed" if site["is_observed"] else "latent"
+                raise GuideSetupError(
+                    f"{kind} site {name!r} of model {self._model_name!r} has a non-finite "
+                    "log density at the initial values; check its parameters or pass "
+                    "init_loc_fn=init_to_value(values={...}) / init_to_feasible."
+                )
+
+    def _build_flow(self, dim: int) -> nn.Module:
+        (flow,) = self._flow_arg
+        if flow is None:
+            return nn.ModuleList()
+        if _is_pyro_transform_factory(flow):
+            parts = flow(dim)
+            parts = list(parts) if isinstance(parts, (list, tuple)) else [parts]
+            for p in parts:
+                if not isinstance(p, torch.distributions.Transform):
+                    raise TypeError(
+                        f"the flow callable must return a Transform (or a list of them) "
+                        f"for dim={dim}, got {type(p).__name__}"
+                    )
+            return nn.ModuleList([p for p in parts])
+        hyper = dict(self._hyper)
+        if isinstance(flow, str) or (isinstance(flow, type) and issubclass(flow, zuko.lazy.Flow)):
+            hyper.setdefault("hidden_features", (_hidden_size(dim),) * 2)
+        else:
+            hyper = {}
+        return flow_transform(flow, dim, direction="sample", identity_init=True, **hyper)
+
+    # ------------------------------------------------------------- posterior
+    def get_base_dist(self) -> dist.Distribution:
+        zeros = torch.zeros_like(self.loc)
+        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+
+    def get_transform(self, *args: Any, **kwargs: Any):
+        """The transforms from base noise to the flat latent: the flow, then the affine stage."""
+        # Reading self.flow inside the guide's context registers it with the param store.
+        affine = _TrilAffine(self.loc, self.scale, self.scale_tril)
+        return _parts_of(self.flow) + [affine]
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.Distribution:
+        """The posterior over the flat unconstrained latent vector (event shape ``(D,)``).
+
+        Its ``rsample_and_log_prob`` draws and scores in one pass; ``log_prob``
+        of other values inverts the flow.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        detached = self._detached_parts() if self.estimator == "stl" else None
+        return _FlowPosterior(self.get_base_dist(), self.get_transform(), detached)
+
+    def _detached_parts(self) -> list:
+        """Copies of the transforms whose parameters share storage but carry no gradient."""
+        flow = self._modules["flow"]
+        shadow = self.__dict__.get("_shadow_flow")
+        if shadow is None:
+            self.clear_cache()
+            shadow = copy.deepcopy(flow)
+            shadow.__dict__.pop("_param_tuple", None)
+            for p in shadow.parameters():
+                p.requires_grad_(False)
+            self.__dict__["_shadow_flow"] = shadow
+        # Optimisers update parameters in place, so sharing storage keeps the
+        # copy current; relink only if a parameter was replaced (load, .to()).
+        for mirror, live in zip(_param_tuple(shadow), _param_tuple(flow)):
+            if mirror.data_ptr() != live.data_ptr() or mirror.shape != live.shape:
+                mirror.data = live.data
+        tril = self.scale_tril
+        affine = _TrilAffine(
+            self.loc.detach(), self.scale.detach(), None if tril is None else tril.detach()
+        )
+        return _parts_of(shadow) + [affine]
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        else:
+            self._check_shapes(args, kwargs)
+        return super().forward(*args, **kwargs)
+
+    def _check_shapes(self, args: tuple, kwargs: dict) -> None:
+        shapes = _shapes_of(args, kwargs)
+        if shapes == self._arg_shapes:
+            return
+        # The arguments changed shape: fine if the latent shapes do not.
+        trace = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            new = trace.nodes.get(name)
+            if new is None:
+                raise GuideSetupError(
+                    f"latent site {name!r} of model {self._model_name!r} disappeared "
+                    "when the model was called with new arguments; the guide was set up "
+                    "for a fixed set of latents: build a new guide for this model call."
+                )
+            if new["value"].shape != site["value"].shape:
+                raise GuideSetupError(
+                    f"latent site {name!r} changed shape between calls: "
+                    f"{tuple(site['value'].shape)} when the guide was set up, "
+                    f"{tuple(new['value'].shape)} now. A global guide has one fixed "
+                    "latent vector; build a new guide, or use AutoAmortizedFlowGuide "
+                    "for per-datum latents."
+                )
+        self._arg_shapes = shapes
+
+    # ------------------------------------------------------------ summaries
+    def clear_cache(self) -> None:
+        """Drops cached flow values and the graphs they hold."""
+        flow = self._modules.get("flow")
+        if flow is not None:
+            for part in _parts_of(flow):
+                if hasattr(part, "clear_cache"):
+                    part.clear_cache()
+
+    def _constrained(self, latent: Tensor) -> dict[str, Tensor]:
+        """Maps a batch ``(N, D)`` of flat latents to constrained site values ``(N, *shape)``."""
+        # Unpacking broadcasts batch dims against plate dims, so the batch goes
+        # to the left of every plate, as a particle plate would put it.
+        nesting = max((-f.dim for f in self._prototype_frames.values()), default=0)
+        n = latent.shape[0]
+        latent = latent.reshape((n,) + (1,) * nesting + latent.shape[-1:])
+        return {
+            site["name"]: biject_to(site["fn"].support)(value).reshape(
+                (n,) + site["value"].shape
+            )
+            for site, value in self._unpack_latent(latent)
+        }
+
+    @torch.no_grad()
+    def sample_posterior(self, num_samples: int, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Draws ``num_samples`` posterior samples of every latent site, in constrained space.
+
+        Returns a dict mapping site names to tensors of shape
+        ``(num_samples,) + site shape``.
+        """
+        latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
+        self.clear_cache()
+        return self._constrained(latent)
+
+    @torch.no_grad()
+    def quantiles(
+        self, quantiles: Sequence[float] | Tensor, *args: Any, num_samples: int = 4000, **kwargs
+    ) -> dict[str, Tensor]:
+        """Monte Carlo posterior quantiles of each latent site (constrained space).
+
+        Quantiles are taken per coordinate of the unconstrained draws and mapped
+        through each site's bijection, so they are exact for every monotone
+        per-coordinate constraint and a consistent summary otherwise.
+        """
+        latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
+        self.clear_cache()
+        q = torch.as_tensor(quantiles, dtype=latent.dtype, device=latent.device)
+        return self._constrained(torch.quantile(latent, q, dim=0))
+
+    def median(self, *args: Any, num_samples: int = 4000, **kwargs: Any) -> dict[str, Tensor]:
+        """Monte Carlo posterior median of each latent site (constrained space)."""
+        q = self.quantiles([0.5], *args, num_samples=num_samples, **kwargs)
+        return {name: value[0] for name, value in q.items()}
+
+    def _loc_scale(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError(
+            "AutoFlowGuide has no closed-form loc/scale; use quantiles() or sample_posterior()"
+        )
+
+
+def _bijection(site: dict) -> Transform:
+    """``biject_to(site support)``, or an error that names the site and the fix."""
+    try:
+        return biject_to(site["fn"].support)
+    except NotImplementedError:
+        raise GuideSetupError(
+            f"site {site['name']!r} has support {site['fn'].support}, which has no "
+            "bijection to unconstrained space; reparametrise it (e.g. a covariance "
+            "matrix as scales times an LKJCholesky factor) or guide it separately."
+        ) from None
+
+
+def _with_feasible_fallback(init_loc_fn: Callable) -> Callable:
+    """Falls back to a feasible point for sites that cannot be sampled (ImproperUniform)."""
+
+    def init(site: dict) -> Tensor:
+        try:
+            return init_loc_fn(site)
+        except NotImplementedError:
+            to_support = _bijection(site)
+            return to_support(torch.zeros(to_support.inverse_shape(site["fn"].shape())))
+
+    return init
+
+
+def _parts_of(flow: nn.Module) -> list:
+    if isinstance(flow, nn.ModuleList):
+        return list(flow)
+    return [flow]
+
+
+def _shapes_of(args: tuple, kwargs: dict) -> tuple:
+    def shape(v: Any) -> Any:
+        if torch.is_tensor(v):
+            return tuple(v.shape)
+        # Sizes are often passed as plain numbers.
+        return v if isinstance(v, (int, float, str, bool)) else None
+
+    return tuple(shape(a) for a in args), tuple(sorted((k, shape(v)) for k, v in kwargs.items()))

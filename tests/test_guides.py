@@ -1,0 +1,492 @@
+"""AutoFlowGuide: shapes and supports on a zoo of models, the autoguide API, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import pyro.poutine as poutine
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pyro.infer import (
+    SVI,
+    Predictive,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
+from pyro.infer.autoguide import AutoDelta, AutoGuideList
+from pyro.infer.autoguide.initialization import init_to_feasible, init_to_sample, init_to_value
+from pyro.optim import Adam
+from pyro.poutine.util import site_is_subsample
+
+import pyro_flowguide as pfg
+from pyro_flowguide import AutoFlowGuide, GuideSetupError
+from pyro_flowguide._zuko import zuko
+
+SMALL = {"hidden_features": (16, 16), "transforms": 2}
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+# ---------------------------------------------------------------- model zoo
+def scalar_model():
+    pyro.sample("a", dist.Normal(0.0, 1.0))
+
+
+def vector_model():
+    z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=torch.tensor(0.5))
+
+
+def matrix_model():
+    w = pyro.sample("w", dist.Normal(torch.zeros(2, 3), 1.0).to_event(2))
+    pyro.sample("x", dist.Normal(w.sum((-1, -2)), 1.0), obs=torch.tensor(1.0))
+
+
+def constrained_model():
+    pyro.sample("pos", dist.LogNormal(0.0, 1.0))
+    pyro.sample("simplex", dist.Dirichlet(torch.ones(3)))
+    pyro.sample("interval", dist.Beta(2.0, 3.0))
+    pyro.sample("chol", dist.LKJCholesky(3, 1.0))
+    base = dist.Normal(torch.zeros(3), 1.0).to_event(1)
+    pyro.sample("ordered", dist.TransformedDistribution(base, [T.OrderedTransform()]))
+    pyro.sample("lower", dist.Uniform(-1.0, 2.0))
+
+
+def plated_model(x=torch.linspace(-1, 1, 6), y=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("groups", 3):
+        b = pyro.sample("b", dist.Normal(mu, 1.0))
+        with pyro.plate("obs", 2):
+            pyro.sample("y", dist.Normal(b, 0.5), obs=torch.zeros(2, 3) if y is None else y)
+    pyro.deterministic("b_mean", b.mean(-1))
+
+
+def nested_plates_model():
+    with pyro.plate("i", 2, dim=-2):
+        with pyro.plate("j", 3, dim=-1):
+            pyro.sample("z", dist.Gamma(2.0, 1.0))
+
+
+def args_kwargs_model(x, y=None, *, scale=1.0):
+    w = pyro.sample("w", dist.Normal(0.0, scale))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(w * x, 1.0), obs=y)
+
+
+ZOO = {
+    "scalar": (scalar_model, (), {}),
+    "vector": (vector_model, (), {}),
+    "matrix": (matrix_model, (), {}),
+    "constrained": (constrained_model, (), {}),
+    "plated": (plated_model, (), {}),
+    "nested": (nested_plates_model, (), {}),
+    "args_kwargs": (args_kwargs_model, (torch.arange(4.0), torch.ones(4)), {"scale": 2.0}),
+}
+
+
+def _latent_sites(model, args, kwargs, values):
+    """The model's latent sites, traced with the guide's draw substituted in."""
+    trace = poutine.trace(poutine.condition(model, values)).get_trace(*args, **kwargs)
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and name in values or (
+            site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        )
+    }
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_shapes_supports_and_training(name):
+    model, args, kwargs = ZOO[name]
+    guide = AutoFlowGuide(model, **SMALL)
+    draw = guide(*args, **kwargs)
+    latents = _latent_sites(model, args, kwargs, draw)
+    assert set(draw) == set(latents)
+    for site_name, site in latents.items():
+        assert draw[site_name].shape == site["value"].shape, site_name
+        assert bool(site["fn"].support.check(draw[site_name]).all()), site_name
+
+    svi = SVI(model, guide, Adam({"lr": 0.02}), Trace_ELBO(num_particles=16, vectorize_particles=True))
+
+    def elbo_loss(n=40):
+        return sum(svi.evaluate_loss(*args, **kwargs) for _ in range(n)) / n
+
+    before = elbo_loss()
+    for _ in range(150):
+        svi.step(*args, **kwargs)
+    assert elbo_loss() < before - 0.05
+
+    posterior = guide.sample_posterior(7, *args, **kwargs)
+    for site_name, site in latents.items():
+        assert posterior[site_name].shape == (7,) + site["value"].shape
+        assert bool(site["fn"].support.check(posterior[site_name]).all())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    positive=st.lists(st.booleans(), min_size=3, max_size=3),
+    plate=st.integers(1, 3),
+)
+def test_random_model_structures(sizes, positive, plate):
+    def model():
+        total = 0.0
+        for i, size in enumerate(sizes):
+            d = dist.LogNormal(0.0, 1.0) if positive[i] else dist.Normal(0.0, 1.0)
+            z = pyro.sample(f"z{i}", d.expand([size]).to_event(1))
+            total = total + z.sum(-1)
+        with pyro.plate("p", plate):
+            pyro.sample("local", dist.Normal(total.unsqueeze(-1), 1.0))
+
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(model, **SMALL)
+    draws = guide.sample_posterior(5) if guide() else None
+    for i, size in enumerate(sizes):
+        assert draws[f"z{i}"].shape == (5, size)
+        if positive[i]:
+            assert bool((draws[f"z{i}"] > 0).all())
+    assert draws["local"].shape == (5, plate)
+    assert guide.latent_dim == sum(sizes) + plate
+
+
+# ------------------------------------------------------------------ API
+def test_predictive_and_median_quantiles():
+    model, args, kwargs = ZOO["plated"]
+    guide = AutoFlowGuide(model, **SMALL)
+    guide(*args)
+    pred = Predictive(model, guide=guide, num_samples=11, parallel=True)(*args)
+    # Predictive keeps the plate layout: b lives in plate "groups" (dim -1)
+    # under a model whose deepest nesting is 2.
+    assert pred["b"].shape == (11, 1, 3)
+    assert pred["y"].shape == (11, 2, 3)
+    assert pred["b_mean"].numel() == 11
+    med = guide.median(*args)
+    assert med["b"].shape == (3,)
+    q = guide.quantiles([0.1, 0.5, 0.9], *args)
+    assert q["mu"].shape == (3,)
+    assert bool((q["mu"][0] < q["mu"][1]) & (q["mu"][1] < q["mu"][2]))
+    assert torch.allclose(med["mu"], q["mu"][1], atol=0.1)
+
+
+def test_get_posterior_scores_any_value_and_its_own_draws():
+    guide = AutoFlowGuide(vector_model, flow="MAF", init_scale=1.0, **SMALL)
+    guide()
+    with torch.no_grad():
+        for p in guide.flow.parameters():  # move away from the identity start
+            p.add_(0.1 * torch.randn_like(p))
+    post = guide.get_posterior()
+    assert post.event_shape == (3,)
+    u, log_q = post.rsample_and_log_prob((5,))
+    assert torch.allclose(post.log_prob(u.clone()), log_q, atol=1e-4)
+    # The density is normalised: an importance estimate of its mass under a wide proposal.
+    proposal = dist.Normal(torch.zeros(3), 3.0).to_event(1)
+    with torch.no_grad():
+        x = proposal.sample((100000,))
+        mass = (post.log_prob(x) - proposal.log_prob(x)).exp().mean()
+    assert abs(mass.item() - 1.0) < 0.03
+
+
+@pytest.mark.parametrize(
+    "elbo",
+    [
+        Trace_ELBO(),
+        TraceMeanField_ELBO(),
+        TraceGraph_ELBO(),
+        RenyiELBO(alpha=0.5, num_particles=4),
+        Trace_ELBO(num_particles=4, vectorize_particles=True),
+        RenyiELBO(alpha=0.5, num_particles=4, vectorize_particles=True),
+    ],
+    ids=["trace", "meanfield", "tracegraph", "renyi", "vectorized", "renyi_vectorized"],
+)
+def test_elbos(elbo):
+    model, args, kwargs = ZOO["plated"]
+    guide = AutoFlowGuide(model, **SMALL)
+    svi = SVI(model, guide, Adam({"lr": 0.01}), elbo)
+    losses = [svi.step(*args) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_autoguidelist_and_handlers():
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        b = pyro.sample("b", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(a + b.sum(), 1.0), obs=torch.tensor(0.0))
+
+    guide = AutoGuideList(model)
+    guide.append(AutoDelta(poutine.block(model, expose=["a"])))
+    guide.append(AutoFlowGuide(poutine.block(model, hide=["a"]), **SMALL))
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    svi.step()
+    draw = guide()
+    assert set(draw) == {"a", "b"}
+    # Under condition / mask handlers the guide still runs.
+    cond = poutine.condition(model, data={"a": torch.tensor(0.3)})
+    flow_guide = AutoFlowGuide(poutine.block(model, hide=["a"]), **SMALL)
+    svi = SVI(cond, flow_guide, Adam({"lr": 0.01}), Trace_ELBO())
+    assert math.isfinite(svi.step())
+    with poutine.mask(mask=False):
+        assert set(flow_guide()) == {"b"}
+
+
+@pytest.mark.parametrize("init", [init_to_feasible, init_to_sample])
+def test_init_strategies(init):
+    guide = AutoFlowGuide(ZOO["constrained"][0], init_loc_fn=init, **SMALL)
+    guide()
+
+
+def test_init_to_value_sets_the_start():
+    values = {"z": torch.tensor([0.5, -1.0, 2.0])}
+    guide = AutoFlowGuide(vector_model, init_loc_fn=init_to_value(values=values), init_scale=1e-4)
+    draw = guide()
+    assert torch.allclose(draw["z"], values["z"], atol=5e-3)
+
+
+def test_registration_every_parameter_in_store_and_trained():
+    model, args, kwargs = ZOO["plated"]
+    guide = AutoFlowGuide(model, **SMALL)
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    svi.step(*args)
+    store = pyro.get_param_store()
+    store_ids = {id(store.get_param(n).unconstrained()) for n in store.keys()}
+    trainable = [(n, p) for n, p in guide.named_parameters() if p.requires_grad]
+    assert trainable
+    missing = [n for n, p in trainable if id(p) not in store_ids]
+    assert not missing, f"not in the param store: {missing}"
+    before = {n: p.detach().clone() for n, p in trainable}
+    svi.step(*args)
+    unchanged = [n for n, p in trainable if torch.equal(before[n], p.detach())]
+    assert not unchanged, f"did not change after a step: {unchanged}"
+
+
+def test_save_load_gives_identical_samples(tmp_path):
+    model, args, kwargs = ZOO["plated"]
+    guide = AutoFlowGuide(model, **SMALL)
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    for _ in range(5):
+        svi.step(*args)
+    torch.save(guide.state_dict(), tmp_path / "guide.pt")
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.set_rng_seed(3)
+    expected = guide.sample_posterior(4, *args)
+
+    pyro.clear_param_store()
+    fresh = AutoFlowGuide(model, **SMALL)
+    fresh(*args)
+    fresh.load_state_dict(torch.load(tmp_path / "guide.pt", weights_only=True))
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    pyro.set_rng_seed(3)
+    got = fresh.sample_posterior(4, *args)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+
+
+def test_float64_model_gives_float64_guide():
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1))
+
+    guide = AutoFlowGuide(model, **SMALL)
+    assert guide()["z"].dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in guide.parameters())
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    svi.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_model_gives_cuda_guide():
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(2, device="cuda"), 1.0).to_event(1))
+
+    guide = AutoFlowGuide(model, **SMALL)
+    assert guide()["z"].device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in guide.parameters())
+
+
+# ------------------------------------------------------------- flow choice
+PYRO_FLOWS = {
+    "planar": lambda d: [T.planar(d) for _ in range(2)],
+    "radial": lambda d: [T.radial(d) for _ in range(2)],
+    "householder": lambda d: T.householder(d, count_transforms=max(1, d)),
+    "sylvester": lambda d: T.sylvester(d, count_transforms=max(1, d)),
+    "polynomial": lambda d: T.polynomial(d),
+    "iaf": lambda d: [T.affine_autoregressive(d, hidden_dims=[16]) for _ in range(2)],
+    "spline_iaf": lambda d: T.spline_autoregressive(d, hidden_dims=[16]),
+    "naf": lambda d: T.neural_autoregressive(d, hidden_dims=[16]),
+    "bnaf": lambda d: T.block_autoregressive(d),
+    "affine_coupling": lambda d: T.affine_coupling(d, hidden_dims=[16]),
+    "spline_coupling": lambda d: T.spline_coupling(d, hidden_dims=[16]),
+}
+
+
+def _gaussian_model(dim):
+    def model():
+        pyro.sample("z", dist.Normal(torch.full((dim,), 1.0), 0.5).to_event(1))
+
+    return model
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+@pytest.mark.parametrize("name", sorted(PYRO_FLOWS))
+def test_pyro_flows_plug_in_at_any_dimension(name, dim):
+    model = _gaussian_model(dim)
+    guide = AutoFlowGuide(model, flow=PYRO_FLOWS[name])
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO(num_particles=8, vectorize_particles=True))
+    losses = [svi.step() for _ in range(30)]
+    assert all(math.isfinite(v) for v in losses)
+    assert guide()["z"].shape == (dim,)
+    trainable = {id(p) for p in guide.flow.parameters() if p.requires_grad}
+    store = pyro.get_param_store()
+    assert trainable <= {id(store.get_param(n).unconstrained()) for n in store.keys()}
+
+
+@pytest.mark.parametrize("name", [n for n in pfg.flow_names() if n != "NCSF"])
+def test_every_registry_family_trains(name):
+    model = _gaussian_model(2)
+    hyper = {"hidden_features": (8, 8)} if name not in ("GF",) else {}
+    guide = AutoFlowGuide(model, flow=name, **hyper)
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO(num_particles=4, vectorize_particles=True))
+    losses = [svi.step() for _ in range(5)]
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_zuko_class_and_instances_are_accepted():
+    model = _gaussian_model(3)
+    AutoFlowGuide(model, flow=zuko.flows.MAF, hidden_features=(8,))()
+    pyro.clear_param_store()
+    AutoFlowGuide(model, flow=zuko.flows.RealNVP(3, transforms=2))()
+    pyro.clear_param_store()
+    AutoFlowGuide(model, flow=zuko.flows.MAF(3).transform)()
+    pyro.clear_param_store()
+    AutoFlowGuide(model, flow=None)()
+
+
+def test_stl_estimator_trains_and_has_zero_variance_at_the_optimum():
+    def model():
+        pyro.sample("z", dist.Normal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])).to_event(1))
+
+    guide = AutoFlowGuide(model, flow="RealNVP", estimator="stl", **SMALL)
+    guide()
+    with torch.no_grad():  # put the affine stage at the exact posterior
+        guide.loc.copy_(torch.tensor([1.0, -2.0]))
+        guide.scale = torch.tensor([0.5, 2.0])
+    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
+    grads = []
+    for _ in range(3):
+        loss = elbo.differentiable_loss(model, guide)
+        (g,) = torch.autograd.grad(loss, [guide.loc])
+        grads.append(g)
+    assert all(g.abs().max() < 1e-4 for g in grads)
+    # The plain estimator has noisy gradients at the same point.
+    plain = AutoFlowGuide(model, flow="RealNVP", **SMALL)
+    plain()
+    with torch.no_grad():
+        plain.loc.copy_(torch.tensor([1.0, -2.0]))
+        plain.scale = torch.tensor([0.5, 2.0])
+    loss = elbo.differentiable_loss(model, plain)
+    (g,) = torch.autograd.grad(loss, [plain.loc])
+    assert g.abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ errors
+def test_discrete_latent_is_named():
+    def model():
+        pyro.sample("k", dist.Categorical(torch.ones(3) / 3))
+
+    with pytest.raises(GuideSetupError, match=r"'k'.*discrete.*(enumerat|AutoGuideList)"):
+        AutoFlowGuide(model)()
+
+
+@pytest.mark.parametrize(
+    "site_dist",
+    [
+        dist.Wishart(torch.tensor(4.0), torch.eye(2)),
+        dist.ImproperUniform(dist.constraints.lower_cholesky, (), (2, 2)),
+    ],
+    ids=["positive_definite", "lower_cholesky"],
+)
+def test_support_without_bijection_is_named(site_dist):
+    def model():
+        pyro.sample("cov", site_dist)
+
+    with pytest.raises(GuideSetupError, match=r"'cov'.*no bijection.*LKJCholesky"):
+        AutoFlowGuide(model)()
+
+
+def test_no_latents():
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    with pytest.raises(GuideSetupError, match="no latent"):
+        AutoFlowGuide(model)()
+
+
+def test_subsampled_plate_points_to_amortized_guide():
+    def model():
+        with pyro.plate("data", 100, subsample_size=10):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(GuideSetupError, match=r"'z'.*'data'.*subsampled.*AutoAmortizedFlowGuide"):
+        AutoFlowGuide(model)()
+
+
+def test_unknown_flow_name_lists_valid_names():
+    with pytest.raises(ValueError, match=r"'bogus'.*MAF.*NSF"):
+        AutoFlowGuide(vector_model, flow="bogus")
+
+
+def test_ncsf_refused_for_non_circular_site():
+    with pytest.raises(GuideSetupError, match=r"NCSF.*'z'.*NSF"):
+        AutoFlowGuide(vector_model, flow="NCSF")()
+
+
+def test_shapes_changing_between_calls():
+    def model(n):
+        pyro.sample("z", dist.Normal(torch.zeros(n), 1.0).to_event(1))
+
+    guide = AutoFlowGuide(model, **SMALL)
+    guide(3)
+    with pytest.raises(GuideSetupError, match=r"'z' changed shape.*\(3,\).*\(4,\)"):
+        guide(4)
+
+
+def test_new_data_with_same_latent_shapes_is_fine():
+    model, args, kwargs = ZOO["args_kwargs"]
+    guide = AutoFlowGuide(model, **SMALL)
+    guide(*args, **kwargs)
+    guide(torch.arange(7.0), torch.ones(7), scale=2.0)  # more data, same latents
+
+
+def test_non_finite_log_density_at_init_names_the_site():
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(float("inf")))
+
+    with pytest.raises(GuideSetupError, match=r"'x'.*non-finite"):
+        AutoFlowGuide(model)()
+
+
+def test_flow_callable_returning_garbage():
+    with pytest.raises(TypeError, match="must return a Transform"):
+        AutoFlowGuide(vector_model, flow=lambda d: "nope")()
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="init_scale"):
+        AutoFlowGuide(vector_model, init_scale=-1.0)
+    with pytest.raises(ValueError, match="estimator"):
+        AutoFlowGuide(vector_model, estimator="magic")
+    with pytest.raises(ValueError, match="covariance"):
+        AutoFlowGuide(vector_model, covariance="banded")
