@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import flows, transforms
+from . import flows, guides, transforms
 from . import arviz, density, diagnostics, infer, plots
 from .arviz import to_inference_data
 from .density import DensityFit, fit_density
@@ -21,6 +21,7 @@ from .infer import (
     load_checkpoint,
 )
 from .flows import FLOWS, FlowSpec, UnknownFlowError, flow_names, get_flow
+from .guides import DEFAULT_FLOW, AutoFlowGuide, GuideSetupError
 from .transforms import ConditionalFlowTransform, FlowTransform, flow_transform
 
 __all__ = [
@@ -45,6 +46,10 @@ __all__ = [
     "plots",
     "psis_diagnostic",
     "to_inference_data",
+    "AutoFlowGuide",
+    "DEFAULT_FLOW",
+    "GuideSetupError",
+    "guides",
     "FLOWS",
     "ConditionalFlowTransform",
     "FlowSpec",
