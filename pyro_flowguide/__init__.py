@@ -62,3 +62,12 @@ __all__ = [
     "get_flow",
     "transforms",
 ]
+
+
+def __getattr__(name: str):
+    # `distributed` needs the optional Lightning dependency: import it on first use only.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.distributed")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
