@@ -486,9 +486,13 @@ def main(argv: list[str] | None = None) -> None:
         args.draws,
         log=print if args.verbose else (lambda s: print(s) if s.startswith("note") else None),
     )
+    recipe = (
+        f"SVI, {_PARTICLES} vectorised particles, lr {_LR} -> {_LR_END}"
+        if args.trainer == "svi"
+        else "pyro_flowguide.fit defaults; ms/step = mean incl. setup"
+    )
     print(
-        f"\nprotocol A ({args.trainer}, {args.steps} steps, {_PARTICLES} vectorised particles, "
-        f"lr {_LR} -> {_LR_END}, {args.draws} draws); means over seeds {args.seeds}\n"
+        f"\n{args.steps} steps ({recipe}), {args.draws} draws; means over seeds {args.seeds}\n"
     )
     print(format_table(summarise(rows)))
     if args.verbose:
