@@ -39,6 +39,8 @@ from .infer import _max_plate_nesting, _trace_once
 __all__ = ["PSISResult", "psis_diagnostic"]
 
 _DRAWS_PLATE = "_psis_draws"
+# Log weights varying less than this (float32 rounding of log densities) count as constant.
+_CONSTANT_WEIGHTS = 1e-4
 
 
 def _pareto_smooth(log_weights: np.ndarray) -> tuple[np.ndarray, float]:
@@ -50,7 +52,7 @@ def _pareto_smooth(log_weights: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def _verdict(khat: float) -> str:
-    if not math.isfinite(khat) or khat > 0.7:
+    if math.isnan(khat) or khat > 0.7:
         return "do not trust: the guide misses important parts of the posterior (k-hat > 0.7)"
     if khat >= 0.5:
         return "usable: the guide misses some of the posterior's tails (0.5 <= k-hat <= 0.7)"
@@ -303,8 +305,8 @@ def _psis_from_draws(draws: _Draws) -> PSISResult:
             "where the model has none (or the model's log-density overflows); check the "
             "guide's support against the model's constraints"
         )
-    if float(lw.max() - lw.min()) < 1e-9 * max(1.0, float(lw.abs().max())):
-        # Constant weights: the guide is the posterior; the Pareto fit is undefined.
+    if float(lw.std()) < _CONSTANT_WEIGHTS:
+        # Constant weights (up to rounding): the guide is the posterior; a Pareto fit is undefined.
         smoothed, khat = torch.full_like(lw, -math.log(num_samples)), -math.inf
     else:
         smoothed, khat = _pareto_smooth(lw.numpy())

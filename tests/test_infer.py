@@ -388,24 +388,21 @@ def _rss_mb() -> float:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
-def test_memory_stays_flat_over_20000_steps():
-    guide = getattr(pfg, "AutoFlowGuide", None)
-
+def test_memory_stays_flat():
+    # The acceptance figure (20,000 steps, < 20 MB) comes from
+    # `python benchmarks/fit_overhead.py --memory`; here 5,000 steps must stay
+    # under the same per-step budget (5 MB), enough to catch a cache that keeps graphs.
     def target():
         z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
         pyro.sample("w", dist.Normal(z.sum(-1), 1.0))
 
-    if guide is not None:
-        make = lambda: guide(target, hidden_features=(8, 8), transforms=1)  # noqa: E731
-    else:  # a hand-written flow guide exercises the same caches
-        make = None
-    pyro.clear_param_store()
-    g = make() if make else _new_flow_guide()
-    m = target if make else model
-    args = () if make else (DATA,)
-    fit(m, g, *args, steps=500, progress=False, seed=0)  # warm up allocator and lazy imports
+    if hasattr(pfg, "AutoFlowGuide"):
+        m, guide, args = target, pfg.AutoFlowGuide(target, hidden_features=(8, 8), transforms=1), ()
+    else:  # a hand-written flow guide exercises the same transform caches
+        m, guide, args = model, _new_flow_guide(), (DATA,)
+    fit(m, guide, *args, steps=500, progress=False, seed=0)  # warm up the allocator and lazy imports
     before = _rss_mb()
-    result = fit(m, g, *args, steps=20_000, progress=False)
+    result = fit(m, guide, *args, steps=5_000, progress=False)
     grown = _rss_mb() - before
-    assert result.steps == 20_000
-    assert grown < 20, f"RSS grew by {grown:.1f} MB"
+    assert result.steps == 5_000
+    assert grown < 5, f"RSS grew by {grown:.1f} MB"

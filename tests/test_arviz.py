@@ -1,0 +1,146 @@
+"""to_inference_data: groups, dims, coords, log-likelihood values, agreement with NUTS."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
+import pyro_flowguide as pfg
+from pyro_flowguide.arviz import to_inference_data
+from pyro_flowguide.infer import fit
+
+az = pytest.importorskip("arviz")
+torch.set_num_threads(1)
+
+N = 40
+
+
+def regression(x, g, y=None):
+    """Varying intercepts (a plate of 3 groups), two slopes (a vector site), unknown noise."""
+    b = pyro.sample("b", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("groups", 3):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    mu = pyro.deterministic("mu", a[..., g] + (x * b).sum(-1))
+    with pyro.plate("obs", x.shape[0]):
+        pyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 2, generator=gen)
+    g = torch.arange(N) % 3
+    y = x @ torch.tensor([1.0, -0.5]) + torch.tensor([0.5, 0.0, -0.5])[g] + 0.3 * torch.randn(N, generator=gen)
+    return x, g, y
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def test_groups_dims_coords_and_values():
+    x, g, y = _data()
+    guide = AutoNormal(regression)
+    fit(regression, guide, x, g, y, steps=300, progress=False, seed=0)
+    pyro.set_rng_seed(0)
+    idata = to_inference_data(guide, regression, x, g, y, num_samples=200)
+
+    assert set(idata.groups()) >= {"posterior", "log_likelihood", "posterior_predictive", "observed_data", "sample_stats"}
+    post = idata.posterior
+    assert post["a"].dims == ("chain", "draw", "groups") and post["a"].shape == (1, 200, 3)
+    assert post["b"].dims == ("chain", "draw", "b_dim_0") and post["b"].shape == (1, 200, 2)
+    assert post["sigma"].dims == ("chain", "draw")
+    assert post["mu"].dims == ("chain", "draw", "mu_dim_0")  # deterministic sites too (outside any plate)
+    assert list(post.coords["groups"].values) == [0, 1, 2]
+    assert idata.log_likelihood["y"].dims == ("chain", "draw", "obs")
+    assert idata.posterior_predictive["y"].dims == ("chain", "draw", "obs")
+    assert idata.observed_data["y"].dims == ("obs",)
+    np.testing.assert_array_equal(idata.observed_data["y"].values, y.numpy())
+    for name in ("lp", "log_q", "log_weight", "psis_log_weight"):
+        assert idata.sample_stats[name].shape == (1, 200)
+    assert idata.attrs["guide"] == "AutoNormal" and np.isfinite(idata.attrs["psis_khat"])
+
+    # Point-wise log-likelihood is the model's density of each observation at each draw.
+    a, b, sigma = (torch.as_tensor(post[k].values[0]) for k in ("a", "b", "sigma"))
+    mu = a[:, g] + (x * b[:, None, :]).sum(-1)
+    want = dist.Normal(mu, sigma[:, None]).log_prob(y)
+    np.testing.assert_allclose(idata.log_likelihood["y"].values[0], want.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(post["mu"].values[0], mu.numpy(), rtol=1e-5, atol=1e-5)
+    # log weight = lp - log_q
+    ss = idata.sample_stats
+    np.testing.assert_allclose(ss["log_weight"].values, ss["lp"].values - ss["log_q"].values, atol=1e-4)
+    # Replicated data scatter around the draws' means with the draws' noise.
+    pp = torch.as_tensor(idata.posterior_predictive["y"].values[0])
+    z = ((pp - mu) / sigma[:, None]).flatten()
+    assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
+
+
+@pytest.mark.slow
+def test_summary_matches_nuts_and_loo_runs_cleanly(caplog):
+    x, g, y = _data()
+    guide = AutoMultivariateNormal(regression)
+    fit(regression, guide, x, g, y, steps=1500, progress=False, seed=0)
+    pyro.set_rng_seed(0)
+    idata = to_inference_data(guide, regression, x, g, y, num_samples=1000)
+
+    pyro.set_rng_seed(1)
+    mcmc = MCMC(NUTS(regression), num_samples=300, warmup_steps=200, disable_progbar=True)
+    mcmc.run(x, g, y)
+    nuts = {k: v.numpy() for k, v in mcmc.get_samples().items()}
+
+    vi = az.summary(idata, var_names=["a", "b", "sigma"], kind="stats")["mean"]
+    ref = {
+        **{f"a[{i}]": nuts["a"][:, i].mean() for i in range(3)},
+        **{f"b[{i}]": nuts["b"][:, i].mean() for i in range(2)},
+        "sigma": nuts["sigma"].mean(),
+    }
+    assert sorted(vi.index) == sorted(ref)
+    diffs = {k: abs(vi[k] - ref[k]) for k in ref}
+    assert max(diffs.values()) < 0.1, diffs
+
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loo = az.loo(idata, pointwise=True)
+        az.waic(idata)
+    shape_warnings = [str(w.message) for w in caught if "shape" in str(w.message).lower() and "pareto" not in str(w.message).lower()]
+    assert not shape_warnings, shape_warnings
+    assert not [r for r in caplog.records if "shape validation" in r.getMessage().lower()]
+    assert loo.loo_i.shape == (N,) and np.isfinite(loo.elpd_loo)
+
+
+def test_plots_run():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    x, g, y = _data()
+    guide = AutoNormal(regression)
+    fit(regression, guide, x, g, y, steps=50, progress=False, seed=0)
+    idata = to_inference_data(guide, regression, x, g, y, num_samples=100)
+    az.plot_pair(idata, var_names=["b", "sigma"])
+    az.plot_ppc(idata, num_pp_samples=20)
+    from pyro_flowguide.plots import plot_pair
+
+    fig = plot_pair({k: idata.posterior[k].values[0] for k in ("b", "sigma")}, reference=None)
+    assert len(fig.axes) == 9
+    matplotlib.pyplot.close("all")
+
+
+@pytest.mark.skipif(not hasattr(pfg, "AutoFlowGuide"), reason="AutoFlowGuide not available")
+def test_flow_guide_attrs_name_the_flow():
+    x, g, y = _data()
+    guide = pfg.AutoFlowGuide(regression)
+    guide(x, g, y)
+    idata = to_inference_data(guide, regression, x, g, y, num_samples=50)
+    assert idata.attrs["guide"] == "AutoFlowGuide"
+    assert "flow" in idata.attrs
