@@ -163,3 +163,13 @@ def test_zuko_guide_density_is_consistent():
     flat, lw = _guide_draws(_T, guide, 2000)
     assert flat.shape == (2000, 4) and (flat[:, :3] > 0).all()
     assert np.abs(lw).max() < 1e-4
+
+
+def test_run_one_end_to_end_on_banana():
+    from benchmarks.posteriors import run_one
+
+    row = run_one("banana", 'zuko_maf:{"transforms": 1, "hidden": 16}', seed=0, steps=20, draws=500)
+    assert row["target"] == "banana" and row["steps"] == 20
+    assert row["std_ratio"].shape == (2,)
+    assert all(np.isfinite(row[k]) for k in ("w1", "khat", "is_ess_frac", "ms_per_step"))
+    assert row["params"] == sum(p.numel() for p in pyro.get_param_store().values()) > 0
