@@ -62,6 +62,7 @@ class DensityFit:
         validation_steps, validation_nll: Held-out NLL per point and when it was measured.
         result: The :class:`~pyro_flowguide.infer.FitResult` of the underlying fit.
         module: The ``nn.Module`` holding the flow's parameters.
+        validation_index: Which rows of ``data`` were held out.
     """
 
     distribution: Any
@@ -70,6 +71,7 @@ class DensityFit:
     validation_nll: np.ndarray
     result: FitResult
     module: nn.Module = field(repr=False)
+    validation_index: Tensor = field(repr=False, default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     @property
     def best_validation_nll(self) -> float:
@@ -281,4 +283,5 @@ def fit_density(
         validation_nll=np.asarray(validation.values if validation else [], dtype=float),
         result=result,
         module=module,
+        validation_index=val_idx,
     )
