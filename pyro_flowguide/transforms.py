@@ -64,15 +64,34 @@ def _check_direction(direction: str) -> None:
 
 def _param_tuple(module: nn.Module) -> tuple[Tensor, ...]:
     # Walking the module tree costs more than the flow itself at small sizes,
-    # so the tuple is kept until the module is moved or cast (_apply).
+    # so the tuple is kept until the module is moved or cast (_apply) or one of
+    # its parameters is replaced in place, as pyro.module(...,
+    # update_module_params=True) does; a stale tuple would serve stale caches.
     params = module.__dict__.get("_param_tuple")
-    if params is None:
-        params = module.__dict__["_param_tuple"] = tuple(module.parameters())
+    slots = module.__dict__.get("_param_slots")
+    if params is not None and slots is not None:
+        if all(d.get(k) is p for (d, k), p in zip(slots, params)):
+            return params
+    found, where, seen = [], [], set()
+    for m in module.modules():  # the order and de-duplication of module.parameters()
+        for k, p in m._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                found.append(p)
+                where.append((m._parameters, k))
+    module.__dict__["_param_slots"] = tuple(where)
+    params = module.__dict__["_param_tuple"] = tuple(found)
     return params
 
 
-def _versions(params: tuple[Tensor, ...]) -> int:
-    return sum(p._version for p in params)
+def _versions(params: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], int]:
+    # Which tensors (the tuple is rebuilt when one is replaced) and how often
+    # they were written in place: a cache entry is valid only if both match.
+    return params, sum(p._version for p in params)
+
+
+def _same_versions(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] == b[1]
 
 
 class _OnePassMixin:
@@ -98,7 +117,7 @@ class _OnePassMixin:
 
     def _fresh(self, *tensors: Tensor) -> tuple | None:
         c = self._cache
-        if c is None or c[3] != _versions(self._params()):
+        if c is None or not _same_versions(c[3], _versions(self._params())):
             return None
         if all(a is b for a, b in zip(tensors, c) if a is not None):
             return c
