@@ -387,8 +387,12 @@ def run_grid(
     trainer: str = "svi",
     draws: int = 2000,
     log: Callable[[str], None] = print,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`run_one` over every target x guide x seed; unavailable guides are noted and skipped."""
+    """:func:`run_one` over every target x guide x seed; unavailable guides are noted and skipped.
+
+    ``on_row(rows)`` is called after each finished run (e.g. to save partial results).
+    """
     rows, skipped = [], set()
     for target in targets:
         for guide in guides:
@@ -402,6 +406,8 @@ def run_grid(
                     skipped.add(guide)
                     continue
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
                 log(
                     f"  {target:24s} {guide:16s} seed {seed}: w1 {row['w1']:.3f}  "
                     f"std_min {row['std_ratio_min']:.2f}  khat {row['khat']:.2f}  "
@@ -471,8 +477,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trainer", choices=("svi", "fit"), default="svi")
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--verbose", action="store_true", help="also print per-seed rows")
-    parser.add_argument("--json", type=Path, help="write every per-seed row to this JSON file")
+    parser.add_argument("--json", type=Path, help="write every per-seed row to this JSON file (updated after each run)")
     args = parser.parse_args(argv)
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        if args.json is None:
+            return
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        serial = [
+            {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in rows
+        ]
+        args.json.write_text(json.dumps(serial, indent=1))
 
     targets = _split_specs(args.targets)
     for t in targets:
@@ -485,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         args.trainer,
         args.draws,
         log=print if args.verbose else (lambda s: print(s) if s.startswith("note") else None),
+        on_row=save,
     )
     recipe = (
         f"SVI, {_PARTICLES} vectorised particles, lr {_LR} -> {_LR_END}"
@@ -498,12 +514,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.verbose:
         print("\nper seed\n")
         print(format_table(rows, per_seed=True))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        serial = [
-            {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in rows
-        ]
-        args.json.write_text(json.dumps(serial, indent=1))
 
 
 if __name__ == "__main__":

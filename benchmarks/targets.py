@@ -183,9 +183,9 @@ def logreg() -> None:
     Sites ``w`` (event shape ``(25,)``) and observed ``y`` (plate ``data`` of 500).
     """
     w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([25]).to_event(1))
-    # (X * w).sum(-1) broadcasts over any batch of w (vectorised particles) where
-    # a matmul would put the particle dim in the wrong place.
-    logits = (_LOGREG_X * w.unsqueeze(-2)).sum(-1)
+    # Under an outer particle plate w is (N, 1, 25): the singleton lines up with
+    # the data plate, so (X * w).sum(-1) is (N, 500); a matmul would give (N, 1, 500).
+    logits = (_LOGREG_X * w).sum(-1)
     with pyro.plate("data", _LOGREG_X.shape[0]):
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=_LOGREG_Y)
 

@@ -77,6 +77,26 @@ def test_model_sites_follow_documented_order(name):
     assert len(target.coordinate_names) == target.dim
 
 
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_models_broadcast_under_a_particle_plate(name):
+    # vectorised particles put a plate left of the model's plates; every site must
+    # gain exactly that one dim (a wrong broadcast would pair particles across sites)
+    target = get_target(name)
+    with pyro.plate("particles", 3, dim=-(target.max_plate_nesting + 1)):
+        trace = poutine.trace(target.model).get_trace()
+    trace.compute_log_prob()
+    for site_name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        log_prob = site["log_prob"]
+        assert log_prob.dim() == target.max_plate_nesting + 1, site_name
+        assert log_prob.shape[0] == 3, site_name
+    unbatched = poutine.trace(target.model).get_trace()
+    for site_name, shape in target.sites:
+        value = trace.nodes[site_name]["value"]
+        assert value.shape[0] == 3 and value.numel() == 3 * unbatched.nodes[site_name]["value"].numel()
+
+
 def test_exact_models_have_normalised_closed_form_log_density():
     z = np.array([3.0, -1.0])
     want = -0.5 * (z[0] / 10) ** 2 - math.log(10) - 0.5 * (z[1] - (0.03 * z[0] ** 2 - 3)) ** 2
