@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import flows, guides, transforms
+from . import amortized, flows, guides, transforms
 from . import arviz, density, diagnostics, infer, plots
 from .arviz import to_inference_data
 from .density import DensityFit, fit_density
@@ -22,6 +22,7 @@ from .infer import (
 )
 from .flows import FLOWS, FlowSpec, UnknownFlowError, flow_names, get_flow
 from .guides import DEFAULT_FLOW, AutoFlowGuide, GuideSetupError
+from .amortized import AutoAmortizedFlowGuide, local_psis_diagnostic
 from .transforms import ConditionalFlowTransform, FlowTransform, flow_transform
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "NonFiniteLossError",
     "PSISResult",
     "ProgressBar",
+    "amortized",
     "arviz",
     "density",
     "diagnostics",
@@ -43,9 +45,11 @@ __all__ = [
     "fit_density",
     "infer",
     "load_checkpoint",
+    "local_psis_diagnostic",
     "plots",
     "psis_diagnostic",
     "to_inference_data",
+    "AutoAmortizedFlowGuide",
     "AutoFlowGuide",
     "DEFAULT_FLOW",
     "GuideSetupError",
