@@ -73,6 +73,7 @@ __all__ = [
     "AUTOFLOW_VARIANTS",
     "GuideUnavailable",
     "ZukoFlowGuide",
+    "format_grid",
     "format_table",
     "make_guide",
     "protocol_a_optimizer",
@@ -453,6 +454,20 @@ def format_table(rows: list[dict[str, Any]], per_seed: bool = False) -> str:
     return "\n".join(lines)
 
 
+def format_grid(rows: list[dict[str, Any]]) -> str:
+    """A guide x target Markdown grid of ``w1 / k-hat`` (the layout of BASELINES.md)."""
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    guides = list(dict.fromkeys(r["guide"] for r in rows))
+    cell = {(r["guide"], r["target"]): f"{r['w1']:.3f} / {r['khat']:.2f}" for r in rows}
+    lines = [
+        "| guide | " + " | ".join(targets) + " |",
+        "|---|" + "---|" * len(targets),
+    ]
+    for g in guides:
+        lines.append(f"| {g} | " + " | ".join(cell.get((g, t), "") for t in targets) + " |")
+    return "\n".join(lines)
+
+
 def _split_specs(text: str) -> list[str]:
     """Splits on commas outside JSON braces."""
     parts, depth, current = [], 0, ""
@@ -477,6 +492,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trainer", choices=("svi", "fit"), default="svi")
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--verbose", action="store_true", help="also print per-seed rows")
+    parser.add_argument(
+        "--grid", action="store_true", help="print a guide x target grid of w1 / k-hat instead"
+    )
     parser.add_argument("--json", type=Path, help="write every per-seed row to this JSON file (updated after each run)")
     args = parser.parse_args(argv)
 
@@ -510,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\n{args.steps} steps ({recipe}), {args.draws} draws; means over seeds {args.seeds}\n"
     )
-    print(format_table(summarise(rows)))
+    print(format_grid(summarise(rows)) if args.grid else format_table(summarise(rows)))
     if args.verbose:
         print("\nper seed\n")
         print(format_table(rows, per_seed=True))
