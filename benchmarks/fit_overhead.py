@@ -50,55 +50,71 @@ GUIDES = {
 }
 
 
-def _bare(model, guide, steps: int, max_plate_nesting: int) -> float:
-    t = time.perf_counter()
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    now = _clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def _bare(model, guide, steps: int, max_plate_nesting: int) -> tuple[float, float]:
+    t = _clock()
     loss = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=max_plate_nesting)
     svi = SVI(model, guide, default_optim(steps), loss)
     for _ in range(steps):
         svi.step()
-    return time.perf_counter() - t
+    return _since(t)
 
 
-def _fit(model, guide, steps: int, bar: bool) -> float:
-    t = time.perf_counter()
+def _fit(model, guide, steps: int, bar: bool) -> tuple[float, float]:
+    t = _clock()
     if bar:
         with open(os.devnull, "w") as sink:
             fit(model, guide, steps=steps, callbacks=[ProgressBar(file=sink)])
     else:
         fit(model, guide, steps=steps, progress=False)
-    return time.perf_counter() - t
+    return _since(t)
 
 
 def overhead(targets: list[str], guides: list[str], steps: int, repeats: int, seed: int) -> None:
     torch.set_num_threads(1)
-    print(f"{'target':<12} {'guide':<11} {'bare ms/step':>12} {'fit ms/step':>12} {'fit+bar':>9} {'overhead':>9} {'+bar':>7}")
+    modes = ("bare", "fit", "fit+bar")
+    print("ms per step, median over repeats; wall clock, and this process's CPU time in brackets")
+    print(f"{'target':<8} {'guide':<11} " + " ".join(f"{m:>17}" for m in modes) + f" {'fit overhead':>20} {'+bar':>16}")
     for target_name in targets:
         target = get_target(target_name)
         for guide_name in guides:
-            times: dict[str, list[float]] = {"bare": [], "fit": [], "fit+bar": []}
+            wall: dict[str, list[float]] = {m: [] for m in modes}
+            cpu: dict[str, list[float]] = {m: [] for m in modes}
             # Warm-up: lazy imports, allocator, the optimiser's first construction.
             pyro.clear_param_store()
             fit(target.model, GUIDES[guide_name](target.model), steps=20, progress=False, seed=seed)
             for _ in range(repeats):
-                for how in times:
+                for how in modes:
                     pyro.clear_param_store()
                     pyro.set_rng_seed(seed)
                     guide = GUIDES[guide_name](target.model)
                     if how == "bare":
-                        wall = _bare(target.model, guide, steps, target.max_plate_nesting)
+                        w, c = _bare(target.model, guide, steps, target.max_plate_nesting)
                     else:
-                        wall = _fit(target.model, guide, steps, bar=how == "fit+bar")
-                    times[how].append(1e3 * wall / steps)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            over = 100 * (med["fit"] / med["bare"] - 1)
-            over_bar = 100 * (med["fit+bar"] / med["bare"] - 1)
+                        w, c = _fit(target.model, guide, steps, bar=how == "fit+bar")
+                    wall[how].append(1e3 * w / steps)
+                    cpu[how].append(1e3 * c / steps)
+            mw = {k: statistics.median(v) for k, v in wall.items()}
+            mc = {k: statistics.median(v) for k, v in cpu.items()}
+
+            def pct(a: float, b: float) -> str:
+                return f"{100 * (a / b - 1):+.1f}%"
+
+            cells = " ".join(f"{mw[m]:>8.3f} [{mc[m]:>6.3f}]" for m in modes)
             print(
-                f"{target_name:<12} {guide_name:<11} {med['bare']:>12.3f} {med['fit']:>12.3f} "
-                f"{med['fit+bar']:>9.3f} {over:>8.1f}% {over_bar:>6.1f}%",
+                f"{target_name:<8} {guide_name:<11} {cells} "
+                f"{pct(mw['fit'], mw['bare']):>9} [{pct(mc['fit'], mc['bare']):>7}] "
+                f"{pct(mw['fit+bar'], mw['bare']):>7} [{pct(mc['fit+bar'], mc['bare']):>6}]",
                 flush=True,
             )
-            spread = {k: f"{min(v):.3f}-{max(v):.3f}" for k, v in times.items()}
-            print(f"{'':<24} range over {repeats} repeats (ms/step): {spread}", flush=True)
 
 
 def _rss_mb() -> float:

@@ -12,6 +12,13 @@ weights' tail says whether the guide covers the posterior (Yao et al., 2018):
 
 Works with any Pyro guide whose draws depend on no other model randomness
 (autoguides, :class:`~pyro_flowguide.AutoFlowGuide`, hand-written guides).
+Guides that cannot run under an outer plate are drawn one at a time (with a
+warning). In a model with a subsampled plate the weights use the scaled
+subsample log-density, a noisy estimate: pass the full data for a diagnostic.
+
+k-hat only sees the mass the guide visits. A guide that drops a whole region
+of the posterior can show a small k-hat; the log-evidence estimate then falls
+short of the truth (where one is known) by about the log of the missing share.
 
 References:
     | Yes, but Did It Work?: Evaluating Variational Inference (Yao et al., 2018)

@@ -129,7 +129,7 @@ def test_khat_passes_a_flow_guide_on_the_banana():
     guide = pfg.AutoFlowGuide(banana)
     fit(banana, guide, steps=3000, progress=False, seed=0)
     pyro.set_rng_seed(0)
-    result = psis_diagnostic(banana, guide, num_samples=2000)
+    result = psis_diagnostic(banana, guide, num_samples=20_000)  # as many draws as the AutoNormal case
     assert result.khat < 0.5, result
 
 
