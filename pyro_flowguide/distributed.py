@@ -80,6 +80,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoGuide
 from pyro.infer.elbo import ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor, nn
@@ -117,6 +118,10 @@ def _batch_length(args: tuple, kwargs: dict) -> int:
         if isinstance(value, Tensor) and value.dim() > 0:
             return value.shape[0]
     raise ValueError("the batch holds no tensor with a leading (data) dimension")
+
+
+def _modules(obj: Any) -> Iterable[nn.Module]:
+    return obj.modules() if isinstance(obj, nn.Module) else ()
 
 
 def _store_key(name: str) -> str:
@@ -211,6 +216,11 @@ class SVIModule(pl.LightningModule):
         self.num_data = None if num_data is None else int(num_data)
         self.model_kwargs = dict(model_kwargs or {})
         self.seed = seed
+        # Pickling a Pyro autoguide (ddp_spawn pickles this module) drops its
+        # link to the model, on the original as well; keep the links to put back.
+        self._autoguide_links = [
+            (m, m._model, m.master) for m in _modules(guide) if isinstance(m, AutoGuide)
+        ]
         self.store_params = nn.ParameterDict()
         self._store_names: dict[str, str] = {}
         self._store_constraints: dict[str, Any] = {}
@@ -317,6 +327,33 @@ class SVIModule(pl.LightningModule):
                 "strategy=DDPStrategy(find_unused_parameters=True)",
                 stacklevel=3,
             )
+
+    # -- pickling (ddp_spawn) -------------------------------------------
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_autoguide_links", None)  # they belong to this process
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._restore_autoguide_links()
+
+    def _restore_autoguide_links(self) -> None:
+        links = self.__dict__.get("_autoguide_links")
+        if links is not None:
+            for guide, model, master in links:
+                if guide._model is None:
+                    guide._model, guide.master = model, master
+        elif isinstance(self.guide, AutoGuide) and self.guide._model is None:
+            # An unpickled copy: the guide's model is the copied model.
+            self.guide._model = (self.model,)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        # After ddp_spawn, Lightning loads the trained parameters into the
+        # original module with this; its autoguides were unlinked by pickling.
+        self._restore_autoguide_links()
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     # -- Lightning hooks ------------------------------------------------
 
@@ -531,6 +568,7 @@ def fit_distributed(
     start = time.perf_counter()
     trainer.fit(module, loader)
     wall_time = time.perf_counter() - start
+    module._restore_autoguide_links()
     loss = trainer.callback_metrics.get("loss")
     return DistributedFitResult(
         module=module,
