@@ -92,6 +92,8 @@ __all__ = [
 
 #: Hidden layer sizes of the default encoder MLP.
 DEFAULT_ENCODER_FEATURES = (64, 64)
+# Context rows used to standardise the encoder's inputs at set-up.
+_STANDARDISE_ROWS = 10_000
 
 
 def subsample_indices(size: int, subsample_size: int | None, device=None) -> Tensor | None:
@@ -222,6 +224,8 @@ class _LocalLayer(nn.Module):
         plate_dim: int,
         encoder: nn.Module,
         features: int,
+        context_loc: Tensor,
+        context_scale: Tensor,
         global_dim: int,
         init_loc: Tensor,
         init_scale: float,
@@ -241,6 +245,10 @@ class _LocalLayer(nn.Module):
         self.features = features
         self.global_dim = global_dim
         self.encoder = encoder
+        # Networks see unit-scale inputs: each context column is standardised with
+        # the mean and sd of the rows seen at set-up (kept in the state dict).
+        self.register_buffer("context_loc", context_loc)
+        self.register_buffer("context_scale", context_scale)
         width = features + global_dim
         # Zero weights: at the start every datum gets the init loc and scale,
         # while gradients still reach the weights (and the encoder) at once.
@@ -275,9 +283,13 @@ class _LocalLayer(nn.Module):
         return uc.reshape(lead + (self.dim,)), ladj.reshape(lead)
 
     def posterior(self, context: Tensor, globals_: Tensor | None, batch_shape, event_shape) -> _LocalPosterior:
-        h = self.encoder(context)
+        h = self.encoder((context - self.context_loc) / self.context_scale)
         if globals_ is not None:
-            # Globals carry particle dims (P, 1, ..., G): broadcast against the data rows.
+            # Globals carry particle dims (P, 1, ..., 1, G) aligned with the site's batch
+            # dims; drop those right of the plate's dim to match the (..., B, H) layout.
+            gb = globals_.shape[:-1]
+            keep = gb[: len(gb) - self.plate_nesting + 1] if len(gb) >= self.plate_nesting else ()
+            globals_ = globals_.reshape(keep + globals_.shape[-1:])
             lead = torch.broadcast_shapes(globals_.shape[:-1], h.shape[:-1])
             h = torch.cat([h.expand(lead + h.shape[-1:]), globals_.expand(lead + globals_.shape[-1:])], -1)
         loc, raw = self.head(h).split(self.dim, -1)
@@ -421,8 +433,15 @@ class AutoAmortizedFlowGuide(AutoGuide):
         for name in self._context_fns:
             site = sites[name]
             frame = self._local_frames()[name]
-            context = self._context_rows(name, args, kwargs, None).to(dtype=dtype, device=device)
+            full = self._plate_info[frame.name][0]
+            sample = subsample_indices(full, _STANDARDISE_ROWS)
+            context = self._context_rows(name, args, kwargs, sample).to(dtype=dtype, device=device)
             encoder = self._make_encoder(name, context.shape[-1]).to(dtype=dtype, device=device)
+            rows = context
+            c_loc = rows.mean(0)
+            c_scale = rows.std(0) if rows.shape[0] > 1 else torch.ones_like(c_loc)
+            # Constant columns (e.g. all-zero pixels) keep their scale.
+            c_scale = torch.where(c_scale > 1e-6, c_scale, torch.ones_like(c_scale))
             with torch.no_grad():
                 out = encoder(context[:2])
             if out.dim() != 2 or out.shape[0] != context[:2].shape[0]:
@@ -436,6 +455,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
                 frame.dim,
                 encoder,
                 out.shape[-1],
+                c_loc,
+                c_scale,
                 condition,
                 init,
                 self._init_scale,
@@ -448,6 +469,13 @@ class AutoAmortizedFlowGuide(AutoGuide):
         return {name: self._local_plates[plate] for name, plate in self._site_plate.items()}
 
     def _check_sites(self, sites: dict) -> None:
+        latent = sorted(sites)
+        for name in self._context_fns:
+            if name not in sites:
+                raise GuideSetupError(
+                    f"amortized names site {name!r}, which is not a latent sample site of "
+                    f"model {self._model_name!r}; latent sites: {latent}"
+                )
         for name, site in sites.items():
             fn = site["fn"]
             if fn.support.is_discrete:
@@ -472,15 +500,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
                         f"subsampled ({frame.size} of {frame.full_size}), but it is not in "
                         "amortized: every local latent under a subsampled plate needs a "
                         f"context function, e.g. amortized={{..., {name!r}: lambda x, "
-                        "batch_size=None: x}} (the rows of the data it depends on)."
+                        "batch_size=None: x} (the rows of the data it depends on)."
                     )
-        latent = sorted(sites)
-        for name in self._context_fns:
-            if name not in sites:
-                raise GuideSetupError(
-                    f"amortized names site {name!r}, which is not a latent sample site of "
-                    f"model {self._model_name!r}; latent sites: {latent}"
-                )
 
     def _local_frame(self, site: dict):
         name = site["name"]
@@ -511,7 +532,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
                         f"latent site {name!r} is inside plate {frame.name!r}, which holds "
                         f"the amortized sites {sorted(n for n, p in self._site_plate.items() if p == frame.name)}, "
                         f"but it is not in amortized; add it: amortized={{..., {name!r}: "
-                        "<context function>}}."
+                        "<context function>}."
                     )
 
     def _read_plates(self, trace, args: tuple, kwargs: dict) -> dict:
