@@ -84,7 +84,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.elbo import ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from .transforms import clear_flow_caches
 
@@ -418,9 +418,39 @@ class DistributedFitResult:
     checkpoint: Path | None
 
 
-def _as_dataset(data: Any) -> Dataset:
-    if isinstance(data, Dataset):
+class _Tensors(Dataset):
+    """Tensors sharing their first dimension, fetched a whole batch at a time.
+
+    ``DataLoader`` fetches items one by one and stacks them unless the dataset
+    has ``__getitems__``; one indexing per tensor is what keeps large batches
+    cheap.
+    """
+
+    def __init__(self, *tensors: Tensor) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _whole_batch(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return batch
+
+
+def _as_loader(data: Any, batch_size: int, shuffle: bool) -> DataLoader:
+    if isinstance(data, DataLoader):
         return data
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(data, Dataset):
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle)
     tensors = (data,) if isinstance(data, Tensor) else tuple(data)
     if not tensors or not all(isinstance(t, Tensor) for t in tensors):
         raise TypeError(
@@ -433,7 +463,9 @@ def _as_dataset(data: Any) -> Dataset:
             f"the data tensors must share their first (data) dimension; got shapes "
             f"{[tuple(t.shape) for t in tensors]}"
         )
-    return TensorDataset(*tensors)
+    return DataLoader(
+        _Tensors(*tensors), batch_size=batch_size, shuffle=shuffle, collate_fn=_whole_batch
+    )
 
 
 def fit_distributed(
@@ -524,12 +556,7 @@ def fit_distributed(
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    if isinstance(data, DataLoader):
-        loader = data
-    else:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        loader = DataLoader(_as_dataset(data), batch_size=batch_size, shuffle=shuffle)
+    loader = _as_loader(data, batch_size, shuffle)
     num_data = len(loader.dataset) if check_scaling else None
 
     if seed is not None:
