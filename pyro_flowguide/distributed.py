@@ -250,10 +250,14 @@ class SVIModule(pl.LightningModule):
         with poutine.trace(param_only=True) as capture:
             self._loss(args, kwargs)
         own = {id(p) for p in self.parameters()}
-        for name, site in capture.trace.nodes.items():
-            unconstrained = site["value"].unconstrained()
-            if id(unconstrained) in own:
-                continue
+        outside = {
+            name: site["value"].unconstrained()
+            for name, site in capture.trace.nodes.items()
+            if id(site["value"].unconstrained()) not in own
+        }
+        # (get_state() strips the `.unconstrained` links read above: call it after.)
+        constraints = pyro.get_param_store().get_state()["constraints"]
+        for name, unconstrained in outside.items():
             if not isinstance(unconstrained, nn.Parameter):
                 # Parameters (not plain tensors) so DDP and the optimiser see them;
                 # the param store is pointed at the same object below.
@@ -261,8 +265,7 @@ class SVIModule(pl.LightningModule):
             key = _store_key(name)
             self.store_params[key] = unconstrained
             self._store_names[key] = name
-            self._store_constraints[key] = pyro.get_param_store()._constraints[name]
-            own.add(id(unconstrained))
+            self._store_constraints[key] = constraints[name]
         self._link_param_store()
         if self.num_data is not None:
             self._check_scaling(args, kwargs)
@@ -314,9 +317,7 @@ class SVIModule(pl.LightningModule):
                 "is the guide a PyroModule (e.g. an autoguide) or does it use pyro.param?"
             )
         loss = self._loss(args, kwargs)
-        grads = torch.autograd.grad(
-            loss, [p for _, p in named], allow_unused=True
-        )
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         clear_flow_caches(self)
         unused = [n for (n, _), g in zip(named, grads) if g is None]
         if unused:

@@ -216,6 +216,28 @@ def test_unscaled_likelihood_is_refused_with_the_site_named():
     SVIModule(model, AutoMultivariateNormal(model), num_data=N, init_batch=(x[:32], y[:32]))
 
 
+def test_scaling_contract_accepts_batch_indices():
+    x, y = _data()
+
+    def model(idx, x, y=None):
+        w = pyro.sample("w", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        with pyro.plate("data", N, subsample=idx):
+            pyro.sample("y", dist.Normal((x * w).sum(-1), NOISE), obs=y)
+
+    idx = torch.arange(8, 24)
+    SVIModule(model, AutoMultivariateNormal(model), num_data=N, init_batch=(idx, x[idx], y[idx]))
+    with pytest.raises(ScalingError, match=r"scaled by 4 on a batch of 16 .*must be scaled by 16"):
+        SVIModule(model, AutoMultivariateNormal(model), num_data=4 * N, init_batch=(idx, x[idx], y[idx]))
+
+
+def test_parameters_the_loss_leaves_unused_are_named():
+    x, y = _data()
+    model = _Regression(N)
+    model.unused = torch.nn.Parameter(torch.zeros(2))
+    with pytest.warns(UserWarning, match=r"model\.unused.*find_unused_parameters"):
+        SVIModule(model, AutoMultivariateNormal(model), init_batch=(x[:16], y[:16]))
+
+
 def test_param_store_parameters_outside_modules_are_registered():
     x, y = _data()
 
