@@ -52,10 +52,14 @@ __all__ = [
     "AutoFlowGuide",
     "DEFAULT_FLOW",
     "GuideSetupError",
+    "STL_MAX_DIM",
 ]
 
 #: The family used when ``flow`` is not given; chosen on the benchmark targets.
-DEFAULT_FLOW = "NSF"
+DEFAULT_FLOW = "MAF"
+
+#: Largest latent size for which ``estimator="auto"`` picks sticking the landing.
+STL_MAX_DIM = 64
 
 
 class GuideSetupError(ValueError):
@@ -209,11 +213,15 @@ class AutoFlowGuide(AutoContinuous):
         hidden_features: Hidden layer sizes of the flow's networks; default
             ``(H, H)`` with ``H = max(64, 4 D)``.
         transforms: Number of flow layers (registry families only).
-        estimator: ``"reparam"`` (the plain reparameterisation gradient) or
-            ``"stl"`` ("sticking the landing": draws are scored with
+        estimator: ``"stl"`` ("sticking the landing": draws are scored with
             parameter-detached transforms, so the gradient's variance vanishes
-            as the guide approaches the posterior; needs invertible transforms
-            and costs one inverse pass per step).
+            as the guide approaches the posterior; costs one inverse pass per
+            step), ``"reparam"`` (the plain reparameterisation gradient), or
+            ``"auto"`` (the default): STL when the flow has a closed-form
+            inverse (registry families MAF, NSF, NICE, RealNVP, or no flow)
+            and the latent has at most ``STL_MAX_DIM`` coordinates, the plain
+            gradient otherwise (numerical inverses, Pyro transforms such as
+            planar flows that have none, large latents).
         hyper: Further hyper-parameters for the Zuko constructor (e.g. ``bins``).
 
     Example:
@@ -231,21 +239,21 @@ class AutoFlowGuide(AutoContinuous):
         flow: Any = DEFAULT_FLOW,
         *,
         init_loc_fn: Callable = init_to_median,
-        init_scale: float = 0.1,
+        init_scale: float = 1.0,
         covariance: str | None = None,
         hidden_features: Sequence[int] | None = None,
         transforms: int | None = None,
-        estimator: str = "reparam",
+        estimator: str = "auto",
         **hyper: Any,
     ) -> None:
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
-        if estimator not in ("reparam", "stl"):
+        if estimator not in ("auto", "reparam", "stl"):
             raise ValueError(
-                f"estimator must be 'reparam' (plain reparameterisation gradient) or "
-                f"'stl' (sticking the landing), got {estimator!r}"
+                f"estimator must be 'auto', 'reparam' (plain reparameterisation gradient) "
+                f"or 'stl' (sticking the landing), got {estimator!r}"
             )
-        self.estimator = estimator
+        self.estimator = estimator  # "auto" is resolved once the latent size is known
         if covariance not in (None, "full", "diagonal"):
             raise ValueError(f"covariance must be 'full' or 'diagonal', got {covariance!r}")
         if isinstance(flow, str):
@@ -265,6 +273,9 @@ class AutoFlowGuide(AutoContinuous):
         super().__init__(model, init_loc_fn=_with_feasible_fallback(init_loc_fn))
 
     _refused_support = None
+    #: Scales are learned on the log scale: Adam's steps are then relative, so a
+    #: posterior 100x wider or narrower than ``init_scale`` is reached quickly.
+    scale_constraint = constraints.positive
 
     # ---------------------------------------------------------------- set-up
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
@@ -300,7 +311,7 @@ class AutoFlowGuide(AutoContinuous):
         self.loc = nn.Parameter(init)
         self.scale = PyroParam(
             torch.full((dim,), self._init_scale, dtype=dtype, device=device),
-            constraints.softplus_positive,
+            self.scale_constraint,
         )
         full = self._covariance == "full" or (self._covariance is None and dim <= 200)
         if full and dim > 1:
@@ -310,6 +321,11 @@ class AutoFlowGuide(AutoContinuous):
         else:
             self.scale_tril = None
         self.flow = self._build_flow(dim).to(dtype=dtype, device=device)
+        if self.estimator == "auto":
+            # The STL inverse of an autoregressive flow takes one pass per
+            # coordinate, so it pays off only while the latent is small.
+            cheap = _has_cheap_inverse(self._flow_arg[0]) and dim <= STL_MAX_DIM
+            self.estimator = "stl" if cheap else "reparam"
 
     def _check_sites(self, args: tuple, kwargs: dict) -> None:
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -510,6 +526,19 @@ class AutoFlowGuide(AutoContinuous):
         raise NotImplementedError(
             "AutoFlowGuide has no closed-form loc/scale; use quantiles() or sample_posterior()"
         )
+
+
+def _has_cheap_inverse(flow: Any) -> bool:
+    if flow is None:
+        return True
+    if isinstance(flow, str):
+        return get_flow(flow).analytic_inverse
+    if isinstance(flow, type) and issubclass(flow, zuko.lazy.Flow):
+        try:
+            return get_flow(flow.__name__).analytic_inverse
+        except ValueError:
+            return False
+    return False
 
 
 def _bijection(site: dict) -> Transform:

@@ -373,6 +373,20 @@ def test_zuko_class_and_instances_are_accepted():
     AutoFlowGuide(model, flow=None)()
 
 
+def test_default_estimator_is_stl_where_the_inverse_is_closed_form():
+    def resolved(model, **kw):
+        pyro.clear_param_store()
+        guide = AutoFlowGuide(model, **kw)
+        guide()
+        return guide.estimator
+
+    assert resolved(vector_model) == "stl"
+    assert resolved(vector_model, flow=None) == "stl"
+    assert resolved(vector_model, flow="NAF", **SMALL) == "reparam"  # bisection inverse
+    assert resolved(vector_model, flow=PYRO_FLOWS["planar"]) == "reparam"
+    assert resolved(_gaussian_model(pfg.guides.STL_MAX_DIM + 1), flow=None) == "reparam"
+
+
 def test_stl_estimator_trains_and_has_zero_variance_at_the_optimum():
     def model():
         pyro.sample("z", dist.Normal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])).to_event(1))
@@ -390,7 +404,7 @@ def test_stl_estimator_trains_and_has_zero_variance_at_the_optimum():
         grads.append(g)
     assert all(g.abs().max() < 1e-4 for g in grads)
     # The plain estimator has noisy gradients at the same point.
-    plain = AutoFlowGuide(model, flow="RealNVP", **SMALL)
+    plain = AutoFlowGuide(model, flow="RealNVP", estimator="reparam", **SMALL)
     plain()
     with torch.no_grad():
         plain.loc.copy_(torch.tensor([1.0, -2.0]))
