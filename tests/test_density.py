@@ -199,7 +199,9 @@ def _fit_torch(flow_dist, module, data, steps, lr, batch):
 def _fit_svi(flow_dist, module, data, steps, lr, batch, decay=0.05):
     def model(x):
         pyro.module("flow", module)
-        with pyro.plate("data", x.shape[0]):
+        # Nats per point, as in the torch loop: ClippedAdam clips each gradient
+        # element, so the scale of the loss matters.
+        with pyro.plate("data", x.shape[0]), pyro.poutine.scale(scale=1.0 / x.shape[0]):
             pyro.sample("x", flow_dist, obs=x)
 
     if decay == 1:
