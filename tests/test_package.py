@@ -96,3 +96,14 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert 'eval "$README_TEST_COMMAND"' in ci
     # Nothing weaker: no marker or path filter is slipped in after the command.
     assert not re.search(r"pytest\s+(-m|-k|tests/)", ci)
+
+
+def test_demo_runs_and_reports_against_the_exact_density():
+    from pyro_flowguide.demo import main
+
+    result = main(steps=5, verbose=False)
+    assert set(result) == {"test_nll", "true_nll", "gap", "seconds"}
+    # The exact expectation of -log p is 1/2 log(2 pi e) + (2 log 2 - 1) / 2 = 1.612.
+    assert abs(result["true_nll"] - 1.612) < 0.02
+    assert result["gap"] == result["test_nll"] - result["true_nll"]
+    assert result["gap"] > -0.05  # a flow cannot beat the true density by more than noise
