@@ -57,40 +57,61 @@ def model(x: torch.Tensor, batch_size: int | None = None) -> None:
         pyro.sample("x", dist.Normal(2 * z + 1, 0.5), obs=x[idx])
 
 
-def time_steps(n: int, batch: int, steps: int, warmup: int, seed: int = 0, **guide_kwargs) -> dict:
-    """Median ms per SVI step and memory for data size ``n``."""
+def time_steps(sizes: list[int], batch: int, steps: int, warmup: int, seed: int = 0, **guide_kwargs) -> list[dict]:
+    """Median ms per SVI step and memory for each data size.
+
+    The sizes are timed round-robin (a few steps of each in turn), so a change
+    in the machine's load during the run affects every size alike.
+    """
     pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    gc.collect()
-    rss0 = _rss_mb()
-    x = 2 * torch.randn(n) + 1
-    guide = pfg.AutoAmortizedFlowGuide(model, amortized={"z": lambda x, batch_size=None: x}, **guide_kwargs)
-    svi = pyro.infer.SVI(model, guide, default_optim(warmup + steps), default_loss(4, True, 1))
-    for _ in range(warmup):
-        svi.step(x, batch)
-        pfg.transforms.clear_flow_caches(guide)
-    gc.collect()
+    # A throw-away run first, so one-time allocations (imports, kernels) land in no row.
+    warm = pfg.AutoAmortizedFlowGuide(model, amortized={"z": lambda x, batch_size=None: x}, **guide_kwargs)
+    warm._pyro_name = "guide_warm"
+    warm_svi = pyro.infer.SVI(model, warm, default_optim(), default_loss(4, True, 1))
+    for _ in range(3):
+        warm_svi.step(torch.randn(1000), batch)
+    runs = []
+    for n in sizes:
+        pyro.set_rng_seed(seed)
+        gc.collect()
+        rss0 = _rss_mb()
+        x = 2 * torch.randn(n) + 1
+        guide = pfg.AutoAmortizedFlowGuide(model, amortized={"z": lambda x, batch_size=None: x}, **guide_kwargs)
+        # One param-store prefix per size, so the guides train side by side.
+        guide._pyro_name = f"guide_n{n}"
+        svi = pyro.infer.SVI(model, guide, default_optim(warmup + steps), default_loss(4, True, 1))
+        for _ in range(warmup):
+            svi.step(x, batch)
+            pfg.transforms.clear_flow_caches(guide)
+        gc.collect()
+        runs.append({"n": n, "x": x, "guide": guide, "svi": svi, "times": [],
+                     "rss_data_setup_mb": _rss_mb() - rss0})
     rss1 = _rss_mb()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        svi.step(x, batch)
-        pfg.transforms.clear_flow_caches(guide)
-        times.append(time.perf_counter() - t)
+    chunk = 10
+    for _ in range(0, steps, chunk):
+        for run in runs:
+            for _ in range(chunk):
+                t = time.perf_counter()
+                run["svi"].step(run["x"], batch)
+                pfg.transforms.clear_flow_caches(run["guide"])
+                run["times"].append(time.perf_counter() - t)
     gc.collect()
-    rss2 = _rss_mb()
-    t = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        torch.randperm(n)[:batch]
-    randperm_ms = 1000 * (time.perf_counter() - t) / reps
-    return {
-        "n": n,
-        "ms": 1000 * statistics.median(times),
-        "rss_data_setup_mb": rss1 - rss0,
-        "rss_growth_mb": rss2 - rss1,
-        "randperm_ms": randperm_ms,
-    }
+    growth = _rss_mb() - rss1
+    rows = []
+    for run in runs:
+        n = run["n"]
+        t = time.perf_counter()
+        reps = 5
+        for _ in range(reps):
+            torch.randperm(n)[:batch]
+        rows.append({
+            "n": n,
+            "ms": 1000 * statistics.median(run["times"]),
+            "rss_data_setup_mb": run["rss_data_setup_mb"],
+            "rss_growth_mb": growth,
+            "randperm_ms": 1000 * (time.perf_counter() - t) / reps,
+        })
+    return rows
 
 
 def vae_comparison(steps: int, iw_samples: int, latent: int = 8, batch: int = 128, seed: int = 0) -> dict:
@@ -162,13 +183,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {label} | {r['iw_bound']:.2f} | {r['khat_share_over_0.7']:.3f} | {r['fit_s']:.0f} |")
         return
     flow = None if args.flow.lower() == "none" else args.flow
-    rows = [
-        time_steps(int(n), args.batch, args.steps, args.warmup, flow=flow) for n in args.sizes.split(",")
-    ]
+    rows = time_steps([int(n) for n in args.sizes.split(",")], args.batch, args.steps, args.warmup, flow=flow)
     base = rows[0]["ms"]
     print(f"AutoAmortizedFlowGuide(flow={flow!r}), batch {args.batch}, 4 vectorised particles, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
-    print("| N | ms/step | vs first | RSS data + set-up (MB) | RSS growth over steps (MB) | Pyro randperm(N) ms |")
+    print("| N | ms/step | vs first | RSS data + set-up (MB) | RSS growth over all timed steps (MB) | Pyro randperm(N) ms |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(

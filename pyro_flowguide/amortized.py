@@ -388,6 +388,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         self._model_name = getattr(model, "__name__", type(model).__name__)
         super().__init__(model)
         self._signature = None
+        self._device = None
 
     # ---------------------------------------------------------------- set-up
     def _check_prototype(self, trace) -> None:
@@ -428,6 +429,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
             if value.is_floating_point():
                 dtype, device = value.dtype, value.device
         condition = global_dim if self.condition_on_globals else 0
+        self._device = device
 
         layers = {}
         for name in self._context_fns:
@@ -626,7 +628,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
                 globals_ = guide.__dict__.pop("_last_latent")
         layers = self.local_layers
         for plate_name, (full, size, dim) in self._plate_info.items():
-            idx = subsample_indices(full, size, device=None)
+            idx = subsample_indices(full, size, device=self._device)
             with pyro.plate(plate_name, full, subsample=idx, dim=dim) as ind:
                 for name, plate in self._site_plate.items():
                     if plate != plate_name:
@@ -661,9 +663,9 @@ class AutoAmortizedFlowGuide(AutoGuide):
                 continue
             value = site["value"]
             shape = self._site_shape(name, site)
-            out[name] = value.expand((num_samples,) + (1,) * (value.dim() - 1 - len(shape)) + shape).reshape(
-                (num_samples,) + shape
-            ) if value.numel() != num_samples * math.prod(shape) else value.reshape((num_samples,) + shape)
+            if value.numel() != num_samples * math.prod(shape):
+                value = value.expand(value.shape[: value.dim() - len(shape)] + shape)
+            out[name] = value.reshape((num_samples,) + shape)
         return out
 
     def _site_shape(self, name: str, site: dict) -> torch.Size:

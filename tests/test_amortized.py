@@ -18,6 +18,15 @@ from pyro_flowguide.amortized import local_psis_diagnostic, subsample_indices
 
 SMALL = {"hidden_features": (16, 16), "transforms": 2, "encoder_features": (16, 16)}
 
+# Accuracy tests: sizes and steps chosen to fit the suite's time budget (see the report).
+HIER_OPTIONS = {"flow": None, "global_options": {"flow": "NSF"}}
+HIER_BATCH = 10
+HIER_STEPS = 2000
+VAE_LATENT = 4
+VAE_OPTIONS = {"encoder_features": (64,), "hidden_features": (32, 32), "transforms": 2}
+VAE_STEPS = 800
+VAE_IW_SAMPLES = 200
+
 
 def context(x, batch_size=None):
     return x
@@ -278,3 +287,148 @@ def test_linear_gaussian_posterior_for_unseen_data():
     sd_ratio = draws.std(0) * math.sqrt(17)
     assert mean_err < 0.05, mean_err
     assert ((sd_ratio - 1).abs() < 0.10).all(), sd_ratio
+
+
+def _w1_over_sd(draws: torch.Tensor, log_density) -> float:
+    """W1(q, p) / sd(p) for 1-D p given by an unnormalised log density, by quadrature."""
+    grid = torch.linspace(-6, 6, 12001, dtype=torch.float64)
+    step = grid[1] - grid[0]
+    lp = log_density(grid)
+    p = (lp - lp.max()).exp()
+    p = p / (p.sum() * step)
+    cdf = torch.cumsum(p, 0) * step
+    mean = (grid * p).sum() * step
+    sd = (((grid - mean) ** 2 * p).sum() * step).sqrt()
+    sorted_draws = draws.double().sort().values.contiguous()
+    ecdf = torch.searchsorted(sorted_draws, grid).double() / len(draws)
+    return float((cdf - ecdf).abs().sum() * step / sd)
+
+
+@pytest.mark.slow
+def test_bimodal_local_posterior_beats_a_gaussian_encoder():
+    n = 5000
+    z = torch.randn(n)
+    x = z**2 + 0.5 * torch.randn(n)
+    x_new = torch.tensor([-0.5, 0.5, 1.0, 1.5])
+    errors = {}
+    for flow in ("NSF", None):
+        pyro.clear_param_store()
+        guide = AutoAmortizedFlowGuide(square_model, amortized={"z": context}, flow=flow)
+        pfg.fit(square_model, guide, x, 256, steps=1000, progress=False, seed=0)
+        draws = guide.sample_posterior(4000, x_new)["z"]
+        errors[flow] = [
+            _w1_over_sd(
+                draws[:, j],
+                lambda g, v=float(v): dist.Normal(0.0, 1.0).log_prob(g) + dist.Normal(g**2, 0.5).log_prob(v),
+            )
+            for j, v in enumerate(x_new)
+        ]
+    flow_err, normal_err = torch.tensor(errors["NSF"]), torch.tensor(errors[None])
+    assert (flow_err < 0.1).all(), errors
+    assert flow_err.mean() < normal_err.mean(), errors
+    # The Gaussian encoder cannot represent the two modes at x = 1, 1.5.
+    assert (normal_err[2:] > 0.3).all(), errors
+
+
+def _random_intercepts_posterior(y: torch.Tensor, prior_sd_mu: float = 5.0, noise_sd: float = 1.0) -> dict:
+    """Exact posterior means and sds of ``hierarchical_model`` by quadrature over tau.
+
+    Given tau the model is linear-Gaussian: the group means are
+    ``N(mu, tau^2 + noise^2 / J)``, ``mu | tau`` is Gaussian and so is each
+    ``a_i | tau``; one dense grid over tau mixes them.
+    """
+    n, J = y.shape
+    ybar = y.double().mean(1)
+    tau = torch.linspace(1e-4, 6.0, 6000, dtype=torch.float64)
+    v = (tau[:, None] ** 2 + noise_sd**2 / J).expand(-1, n)
+    prec_mu = 1 / prior_sd_mu**2 + (1 / v).sum(1)
+    m_mu = (ybar / v).sum(1) / prec_mu
+    logdet = v.log().sum(1) + torch.log1p(prior_sd_mu**2 * (1 / v).sum(1))
+    quad = (ybar**2 / v).sum(1) - (ybar / v).sum(1) ** 2 / prec_mu
+    log_post = -0.5 * (logdet + quad) + dist.HalfNormal(1.0).log_prob(tau)
+    w = (log_post - log_post.max()).exp()
+    w = w / w.sum()
+
+    def moments(mean, var):  # mixture over the tau grid
+        m = (w.reshape((-1,) + (1,) * (mean.dim() - 1)) * mean).sum(0)
+        second = (w.reshape((-1,) + (1,) * (mean.dim() - 1)) * (var + mean**2)).sum(0)
+        return m, (second - m**2).sqrt()
+
+    shrink = tau[:, None] ** 2 / (tau[:, None] ** 2 + noise_sd**2 / J)
+    a_mean = shrink * (ybar - m_mu[:, None])
+    a_var = shrink * noise_sd**2 / J + shrink**2 / prec_mu[:, None]
+    return {
+        "mu": moments(m_mu, 1 / prec_mu),
+        "tau": moments(tau, torch.zeros_like(tau)),
+        "a": moments(a_mean, a_var),
+    }
+
+
+def test_random_intercepts_reference_against_importance_sampling():
+    # Self-normalised importance sampling from the prior on a tiny instance.
+    y = torch.tensor([[1.5, 2.0], [0.0, 0.5], [1.0, 2.5]])
+    ref = _random_intercepts_posterior(y)
+    g = torch.Generator().manual_seed(0)
+    s = 400_000
+    mu = 5.0 * torch.randn(s, generator=g, dtype=torch.float64)
+    tau = torch.randn(s, generator=g, dtype=torch.float64).abs()
+    a = tau[:, None] * torch.randn(s, 3, generator=g, dtype=torch.float64)
+    log_w = dist.Normal((mu[:, None] + a)[..., None], 1.0).log_prob(y.double()).sum((-1, -2))
+    w = (log_w - log_w.max()).exp()
+    w = w / w.sum()
+    for name, value in (("mu", mu), ("tau", tau), ("a", a)):
+        wv = w.reshape((-1,) + (1,) * (value.dim() - 1))
+        mean = (wv * value).sum(0)
+        sd = ((wv * (value - mean) ** 2).sum(0)).sqrt()
+        assert torch.allclose(mean, ref[name][0], atol=0.1 * float(sd.min())), name
+        assert torch.allclose(sd, ref[name][1], rtol=0.1), name
+
+
+@pytest.mark.slow
+def test_random_intercepts_match_the_exact_posterior():
+    pyro.set_rng_seed(1)
+    n, J = 50, 5
+    y = 1.0 + torch.randn(n)[:, None] + torch.randn(n, J)
+    ref = _random_intercepts_posterior(y)
+    guide = AutoAmortizedFlowGuide(hierarchical_model, amortized={"a": context}, **HIER_OPTIONS)
+    pfg.fit(hierarchical_model, guide, y, HIER_BATCH, steps=HIER_STEPS, progress=False, seed=0)
+    draws = guide.sample_posterior(4000, y)
+    for name in ("mu", "tau", "a"):
+        mean, sd = ref[name]
+        d = draws[name].double()
+        mean_err = ((d.mean(0) - mean).abs() / sd).max()
+        sd_ratio = d.std(0) / sd
+        assert mean_err < 0.1, (name, mean_err)
+        assert ((sd_ratio - 1).abs() < 0.15).all(), (name, sd_ratio)
+
+
+def _digits_vae(latent: int, hidden: int):
+    decoder = torch.nn.Sequential(
+        torch.nn.Linear(latent, hidden), torch.nn.ELU(), torch.nn.Linear(hidden, 64)
+    )
+
+    def vae(x, batch_size=None):
+        net = pyro.module("decoder", decoder)
+        with pyro.plate("data", len(x), subsample_size=batch_size) as idx:
+            z = pyro.sample("z", dist.Normal(torch.zeros(latent), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=net(z)).to_event(1), obs=x[idx])
+
+    return vae
+
+
+@pytest.mark.slow
+def test_flow_vae_on_digits_beats_a_gaussian_encoder():
+    from sklearn.datasets import load_digits
+
+    data = (torch.as_tensor(load_digits().data, dtype=torch.float32) > 7).float()
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    test, train = data[perm[:300]], data[perm[300:]]
+    bounds = {}
+    for flow in ("NSF", None):
+        pyro.clear_param_store()
+        vae = _digits_vae(VAE_LATENT, 64)
+        guide = AutoAmortizedFlowGuide(vae, amortized={"z": context}, flow=flow, **VAE_OPTIONS)
+        pfg.fit(vae, guide, train, 128, steps=VAE_STEPS, progress=False, seed=0)
+        result = local_psis_diagnostic(vae, guide, test, num_samples=VAE_IW_SAMPLES)
+        bounds[flow] = float(result.log_evidence.mean())
+    assert bounds["NSF"] > bounds[None], bounds
