@@ -762,7 +762,9 @@ def _nonfinite_sites(model, guide, args, kwargs) -> list[str]:
     return bad
 
 
-def _default_callbacks(guide, progress: bool, checkpoint, checkpoint_every: int, user: Sequence[Callback]):
+def _default_callbacks(
+    progress: bool, checkpoint, checkpoint_every: int, user: Sequence[Callback]
+) -> list[Callback]:
     user = list(user)
     for cb in user:
         if not isinstance(cb, Callback):
@@ -783,8 +785,8 @@ def _default_callbacks(guide, progress: bool, checkpoint, checkpoint_every: int,
         callbacks.append(Checkpoint(checkpoint, every=checkpoint_every))
     checkpoints = [cb for cb in callbacks if isinstance(cb, Checkpoint)]
     for cb in checkpoints:
-        cb._callbacks = callbacks
-    return callbacks, checkpoints
+        cb._callbacks = callbacks  # a checkpoint carries every callback's state
+    return callbacks
 
 
 # --------------------------------------------------------------------------- fit
@@ -873,6 +875,7 @@ def fit(
             f"optim must be a pyro.optim optimiser, got {type(optim).__name__}; wrap a torch "
             "optimiser as pyro.optim.Adam({'lr': 1e-2}) or pyro.optim.ClippedAdam({...})"
         )
+    start = time.perf_counter()
     if seed is not None:
         pyro.set_rng_seed(seed)
 
@@ -890,7 +893,7 @@ def fit(
             vectorized = getattr(loss, "vectorize_particles", None)
         svi = SVI(model, guide, optim, loss)
         state = FitState(model=model, guide=guide, args=args, kwargs=kwargs, svi=svi, steps=steps)
-        cbs, checkpoints = _default_callbacks(guide, progress, checkpoint, checkpoint_every, callbacks)
+        cbs = _default_callbacks(progress, checkpoint, checkpoint_every, callbacks)
 
         if resume:
             path = os.fspath(checkpoint)
@@ -901,7 +904,6 @@ def fit(
                     f"fit: no checkpoint at {path!r} yet; starting from step 0", UserWarning, stacklevel=2
                 )
 
-        start = time.perf_counter()
         _run(state, cbs)
     return FitResult(
         losses=np.asarray(state.losses, dtype=float),
