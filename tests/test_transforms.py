@@ -331,7 +331,9 @@ def test_cache_never_survives_a_parameter_replacement():
 @pytest.mark.parametrize("name", NUMERICAL_INVERSE)
 def test_numerical_inverse_scores_values_it_did_not_produce(name):
     # direction="sample": scoring a value needs the (numerical) inverse.
-    T = flow_transform(name, 3, direction="sample", **_hyper(name)).double()
+    # Checked at 1e-4, so the ODE solve of CNF need not be as tight as above.
+    hyper = {"atol": 1e-8, "rtol": 1e-7, "hidden_features": (16, 16)} if name == "CNF" else {}
+    T = flow_transform(name, 3, direction="sample", **hyper).double()
     flow = dist.TransformedDistribution(base_distribution("real", 3, dtype=torch.float64), [T])
     draw = flow.rsample((4,))
     lp_own = flow.log_prob(draw)  # from the cache
