@@ -21,24 +21,48 @@ Usage::
     python benchmarks/distributed.py                      # the table below
     python benchmarks/distributed.py --batch 1024 --steps 50 --num-data 100000
 
-Measured on this project's 2-core CPU machine, *shared with other jobs* (load
-average 5-10 during the run, so both cores were rarely free for us),
-torch 2.13, Lightning 2.6, N = 10^6, 50 features, AutoNormal, 200 timed steps
-(the numbers vary by tens of percent between runs; compare rows of one run):
+Measured on this project's 2-core CPU machine while it was *heavily shared*
+with other jobs (load average 15-24 throughout, so both cores were rarely free
+for us and every figure is several times slower than on an idle machine),
+torch 2.13, Lightning 2.6, ``ddp_spawn``, N = 10^6, 50 features, AutoNormal;
+150 timed steps (30 for the last block, run separately). Compare rows within a
+block; the ratios, not the absolute rates, are the result::
 
-RESULTS_PLACEHOLDER
+    | processes | threads | batch/process | batch/step | steps/s | samples/s | ms/step |
+    |---|---|---|---|---|---|---|
+    | 1 | 1 | 512    | 512    | 15.9 |   8,130 |   63 |
+    | 1 | 1 | 1024   | 1024   | 13.2 |  13,518 |   76 |
+    | 1 | 2 | 1024   | 1024   |  6.3 |   6,502 |  157 |
+    | 2 | 1 | 512    | 1024   |  8.5 |   8,679 |  118 |
+    | 1 | 1 | 8192   | 8192   |  8.8 |  72,304 |  113 |
+    | 1 | 1 | 16384  | 16384  |  6.2 | 101,689 |  161 |
+    | 1 | 2 | 16384  | 16384  |  3.9 |  63,720 |  257 |
+    | 2 | 1 | 8192   | 16384  |  7.8 | 127,147 |  129 |
+    | 1 | 1 | 65536  | 65536  |  3.5 | 230,038 |  285 |
+    | 1 | 1 | 131072 | 131072 |  1.6 | 207,646 |  631 |
+    | 1 | 2 | 131072 | 131072 |  0.9 | 111,922 | 1171 |
+    | 2 | 1 | 65536  | 131072 |  1.8 | 240,843 |  544 |
+    | 1 | 1 | 262144 | 262144 | 0.70 | 183,723 | 1427 |
+    | 1 | 1 | 524288 | 524288 | 0.36 | 186,808 | 2807 |
+    | 1 | 2 | 524288 | 524288 | 0.40 | 207,667 | 2525 |
+    | 2 | 1 | 262144 | 524288 | 0.52 | 274,249 | 1912 |
 
-When distribution pays off on CPU. A DDP step costs the per-process step
-(Python, Pyro tracing, Lightning hooks: several milliseconds whatever the
-batch) plus a gloo all-reduce of the gradients. Two processes can therefore
-only win when the per-process arithmetic on the batch is large against that
-fixed cost, i.e. at large batches (here tens of thousands of points a step),
-and only when there are idle cores for the second process; a second torch
-thread in one process is the cheaper alternative to try first, and at small
-batches one process (one thread) is fastest. On a machine whose cores are
-already busy, a second process takes time from the first and distribution
-does not pay. The reason to distribute on CPU is memory or data that does not
-fit one process, or many machines (``num_nodes``), not speed on one small box.
+Same data per step, 2 processes against 1: 0.64x the steps/s at 1,024 points
+a step, 1.25x at 16,384, 1.16x at 131,072 and 1.47x at 524,288.
+
+When distribution pays off on CPU. A DDP step costs a whole per-process step
+(Python, Pyro tracing, Lightning hooks: milliseconds whatever the batch) plus
+a gloo all-reduce that waits for the slower process. At small batches that
+fixed cost dominates and one process is faster (0.64x above at 1,024 points
+a step). Two processes start to pay once each one's arithmetic is large
+against it: here from about 10^4 points a step, by 1.2-1.5x, short of 2x
+because the cores were shared (a process that is descheduled stalls the
+other at the all-reduce). A second torch thread in one process did worse than
+a second process at every size on this loaded machine. On an idle machine
+expect the same crossover, with larger gains at large batches; we could not
+measure one. The strong reason to distribute on CPU is data or memory that
+one process cannot hold, or several machines (``num_nodes``); on a small,
+busy box, prefer one process and a larger batch.
 """
 
 from __future__ import annotations

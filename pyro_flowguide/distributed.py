@@ -40,6 +40,14 @@ accelerator and the module's parameters with them; tensors the model builds
 itself should follow its inputs (``x.new_zeros(...)``) so that the same model
 runs unchanged on CPU (gloo) and GPU (NCCL).
 
+Limits. The ELBO must have ``differentiable_loss`` (``RenyiELBO`` and
+``TraceGraph_ELBO`` run their own backward pass and are refused). When the
+data size is not a multiple of the number of processes, the sampler repeats
+a few items to even the shards out, as it does for every Lightning model.
+Under ``ddp_spawn`` the sub-guides of an ``AutoGuideList`` lose the link to
+their (blocked) models in the spawned copies, as any pickled Pyro autoguide
+does; guides that re-trace their model during training then fail there.
+
 Example:
     >>> import torch, pyro, pyro.distributions as dist
     >>> from pyro.infer.autoguide import AutoNormal
@@ -52,8 +60,8 @@ Example:
     >>> guide = AutoNormal(model)
     >>> result = fit_distributed(model, guide, (x, y), steps=200, batch_size=64,
     ...                          devices=1, progress=False)  # doctest: +SKIP
-    >>> guide.median()["w"]  # doctest: +SKIP
-    tensor([ 0.98, -1.99,  0.51])
+    >>> guide.median()["w"].shape  # doctest: +SKIP
+    torch.Size([3])
 """
 
 from __future__ import annotations
