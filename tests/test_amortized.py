@@ -316,7 +316,7 @@ def test_bimodal_local_posterior_beats_a_gaussian_encoder():
     for flow in ("NSF", None):
         pyro.clear_param_store()
         guide = AutoAmortizedFlowGuide(square_model, amortized={"z": context}, flow=flow)
-        pfg.fit(square_model, guide, x, 256, steps=1000, progress=False, seed=0)
+        pfg.fit(square_model, guide, x, 256, steps=3000, progress=False, seed=0)
         draws = guide.sample_posterior(4000, x_new)["z"]
         errors[flow] = [
             _w1_over_sd(
@@ -329,7 +329,9 @@ def test_bimodal_local_posterior_beats_a_gaussian_encoder():
     flow_err, normal_err = torch.tensor(errors["NSF"]), torch.tensor(errors[None])
     assert (flow_err < 0.1).all(), errors
     assert flow_err.mean() < normal_err.mean(), errors
-    # The Gaussian encoder cannot represent the two modes at x = 1, 1.5.
+    # The Gaussian encoder cannot represent the two modes at x = 1, 1.5. (From x ~ 2 on,
+    # the modes are so far apart that the flow, trained by reverse KL, keeps only part
+    # of the second one: W1 / sd ~0.34 at x = 2.)
     assert (normal_err[2:] > 0.3).all(), errors
 
 
