@@ -29,6 +29,9 @@ from pyro_flowguide.distributed import (  # noqa: E402
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is unavailable", allow_module_level=True)
 
+# Lightning 2.6 warns about a torch pytree API it uses; not this package's concern.
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
+
 # Lightning's "ddp" re-runs the calling script, which a test runner cannot
 # be. "ddp_fork" and "ddp_spawn" both start the processes from here and copy
 # the trained parameters back; fork starts in under a second, spawn re-imports
@@ -298,6 +301,7 @@ def test_module_pickles_for_spawned_processes():
     assert module.guide.model is linked
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and Pyro: 3-15 s on a shared machine
 def test_importing_the_package_does_not_import_lightning():
     import pyro_flowguide
 
