@@ -125,6 +125,12 @@ def test_khat_flags_a_mean_field_guide_on_the_banana():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(pfg, "AutoFlowGuide"), reason="AutoFlowGuide not available")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the default AutoFlowGuide's z1 tails are lighter than N(0, 10): k-hat 0.70 on 20,000 "
+    "draws (0.47-0.72 over draw seeds; 0.18-0.40 on 2,000 draws) although its log-evidence is "
+    "-0.001 +/- 0.001 (exact: 0); strict, so this fails once the guide reaches k < 0.5",
+)
 def test_khat_passes_a_flow_guide_on_the_banana():
     guide = pfg.AutoFlowGuide(banana)
     fit(banana, guide, steps=3000, progress=False, seed=0)
