@@ -59,6 +59,8 @@ class FlowSpec:
             the inverse is found numerically (bisection or an ODE solve).
         support: ``"real"`` or ``"circular"`` (features in :math:`[-\pi, \pi)`).
         summary: One line for tables and error messages.
+        density_refused: Why the family cannot be a density of data
+            (``direction="density"``), or ``""`` if it can.
     """
 
     name: str
@@ -68,6 +70,7 @@ class FlowSpec:
     analytic_inverse: bool = True
     support: str = "real"
     summary: str = ""
+    density_refused: str = ""
 
     def make(self, features: int, context: int = 0, **hyper: Any) -> Any:
         """Builds the Zuko flow with the registry defaults overridden by ``hyper``."""
@@ -148,6 +151,12 @@ FLOWS: Mapping[str, FlowSpec] = MappingProxyType(
                 fast="both",
                 analytic_inverse=False,
                 summary="Gaussianization flow (element-wise mixtures and rotations)",
+                density_refused=(
+                    "Zuko's GF maps data into a bounded box (each element-wise layer "
+                    "lands in about (-4.9, 4.9)) and rotates between layers, so base "
+                    "points outside its image have no preimage and the density of "
+                    "data integrates to less than 1 (about 0.55 in 2-D)"
+                ),
             ),
             FlowSpec(
                 "CNF",

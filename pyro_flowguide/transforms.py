@@ -396,6 +396,12 @@ def flow_transform(
             "flow must be a registry name, a Zuko Flow class or instance, or a Zuko "
             f"LazyTransform; got {type(flow).__name__}"
         )
+    if direction == "density" and spec is not None and spec.density_refused:
+        raise ValueError(
+            f"{spec.name} cannot be a density of data (direction='density'): "
+            f"{spec.density_refused}. Use it as a guide (direction='sample'), or "
+            "pick NSF or MAF for density estimation."
+        )
     if identity_init:
         zero_output_layers(lazy)
     if context > 0:

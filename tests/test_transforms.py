@@ -23,6 +23,9 @@ from pyro_flowguide.transforms import (
 FAMILIES = flow_names()
 DIRECTIONS = ("sample", "density")
 NUMERICAL_INVERSE = [n for n in FAMILIES if not get_flow(n).analytic_inverse]
+# Families refused as densities of data (GF) are checked in the sample direction only.
+DENSITY_FAMILIES = [n for n in FAMILIES if not get_flow(n).density_refused]
+CASES = [(n, d) for n in FAMILIES for d in DIRECTIONS if d == "sample" or n in DENSITY_FAMILIES]
 
 
 def _hyper(name: str) -> dict:
@@ -128,16 +131,14 @@ def _check_inverse_and_ladj(t, name: str, direction: str) -> None:
         assert gap < 1e-5, f"{name}/{direction}: {label} log|det J| off by {gap:.2e}"
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name, direction", CASES)
 def test_inverse_and_log_det(name, direction):
     T = flow_transform(name, 3, direction=direction, **_hyper(name)).double()
     assert isinstance(T, FlowTransform)
     _check_inverse_and_ladj(T, name, direction)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name, direction", CASES)
 def test_conditional_inverse_and_log_det(name, direction):
     C = flow_transform(name, 3, context=2, direction=direction, **_hyper(name)).double()
     assert isinstance(C, ConditionalFlowTransform)
@@ -386,7 +387,7 @@ def test_bad_direction_is_refused():
         flow_transform("MAF", 2, direction="forward")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", DENSITY_FAMILIES)
 def test_module_follows_to_float64(name):
     spec = get_flow(name)
     T = flow_transform(name, 2, direction="density").to(torch.float64)
@@ -455,7 +456,7 @@ def _density_model(flow_dist, module):
     return model
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", DENSITY_FAMILIES)
 def test_every_parameter_is_registered_and_trained_under_svi(name):
     spec = get_flow(name)
     T = flow_transform(name, 2, direction="density")
@@ -474,7 +475,7 @@ def test_every_parameter_is_registered_and_trained_under_svi(name):
         assert not torch.equal(before[n], p.detach()), f"{name}: parameter {n} did not change"
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", DENSITY_FAMILIES)
 @pytest.mark.parametrize("context", [0, 2])
 def test_parameters_lists_every_trainable_tensor(name, context):
     spec = get_flow(name)
