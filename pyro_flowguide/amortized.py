@@ -34,7 +34,10 @@ Design choices (measured with ``tests/test_amortized.py`` and
   a learned mean and scale (exact posterior by quadrature, 2000 steps): the
   posterior sd of the mean is recovered to a ratio of 0.92 with conditioning
   and 0.53 without (the factorised guide under-disperses it, as mean-field
-  guides do).
+  guides do). The globals then enter the loc/scale head through one hidden
+  layer (width 32): a random effect's sd is a sigmoid-like function of the log
+  population scale, and with a linear head the population scale's sd came out
+  at 0.69 of the truth (4000 steps), with the hidden layer at 0.94.
 * Subsample indices are drawn by the guide, not by Pyro's plate: ``pyro.plate``
   draws ``torch.randperm(N)`` every step, which costs O(N) (about 45 ms at
   N = 10^6). The guide passes its own indices (``pyro.plate(...,
@@ -99,6 +102,8 @@ __all__ = [
 
 #: Hidden layer sizes of the default encoder MLP.
 DEFAULT_ENCODER_FEATURES = (64, 64)
+# Hidden width of the loc/scale head when it also sees the globals.
+_GLOBAL_HEAD = 32
 # Context rows used to standardise the encoder's inputs at set-up.
 _STANDARDISE_ROWS = 10_000
 
@@ -238,6 +243,7 @@ class _LocalLayer(nn.Module):
         init_scale: float,
         flow: Any,
         hyper: dict,
+        global_head: int | None = None,
     ) -> None:
         super().__init__()
         fn = site["fn"]
@@ -259,11 +265,17 @@ class _LocalLayer(nn.Module):
         width = features + global_dim
         # Zero weights: at the start every datum gets the init loc and scale,
         # while gradients still reach the weights (and the encoder) at once.
-        self.head = nn.Linear(width, 2 * self.dim)
-        nn.init.zeros_(self.head.weight)
+        last = nn.Linear(width if global_head is None else global_head, 2 * self.dim)
+        nn.init.zeros_(last.weight)
         with torch.no_grad():
-            self.head.bias[: self.dim] = init_loc
-            self.head.bias[self.dim :] = math.log(math.expm1(init_scale))
+            last.bias[: self.dim] = init_loc
+            last.bias[self.dim :] = math.log(math.expm1(init_scale))
+        if global_head is None:
+            self.head = last
+        else:
+            # With globals, loc and scale are nonlinear in them (a random effect's sd
+            # is a sigmoid-like function of the log population scale).
+            self.head = nn.Sequential(nn.Linear(width, global_head), nn.ELU(), last)
         if flow is None:
             self.flow = None
         else:
@@ -471,6 +483,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
                 self._init_scale,
                 self._flow_arg[0],
                 self._hyper,
+                _GLOBAL_HEAD if condition else None,
             ).to(dtype=dtype, device=device)
         self.local_layers = nn.ModuleDict(layers)
 
@@ -642,7 +655,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
                         continue
                     layer = layers[name]
                     context = self._context_rows(name, args, kwargs, idx)
-                    context = context.to(dtype=layer.head.weight.dtype)
+                    context = context.to(dtype=layer.context_loc.dtype)
                     batch_shape = torch.Size((len(ind),) + (1,) * (-dim - 1))
                     q = layer.posterior(context, globals_, batch_shape, layer.event_shape)
                     result[name] = pyro.sample(name, q)
