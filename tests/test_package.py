@@ -98,6 +98,16 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert not re.search(r"pytest\s+(-m|-k|tests/)", ci)
 
 
+def test_posterior_demo_scores_both_guides_against_exact_draws():
+    from pyro_flowguide.demo import posterior_demo
+
+    result = posterior_demo(steps=30, verbose=False)
+    assert set(result) == {"AutoNormal", "AutoFlowGuide"}
+    for r in result.values():
+        assert set(r) == {"w1", "khat", "seconds"}
+        assert 0 < r["w1"] < 5 and r["khat"] == r["khat"]
+
+
 def test_demo_runs_and_reports_against_the_exact_density():
     from pyro_flowguide.demo import main
 
