@@ -93,8 +93,13 @@ from .guides import (
 )
 from .transforms import flow_transform
 
+#: The conditional flow of each local site. Splines, because a local latent is
+#: often one-dimensional, where an affine flow would be only a Gaussian.
+DEFAULT_LOCAL_FLOW = "NSF"
+
 __all__ = [
     "AutoAmortizedFlowGuide",
+    "DEFAULT_LOCAL_FLOW",
     "LocalPSISResult",
     "local_psis_diagnostic",
     "subsample_indices",
@@ -330,8 +335,10 @@ class AutoAmortizedFlowGuide(AutoGuide):
             The guide indexes the current subsample's rows and flattens
             trailing dimensions into the context width.
         flow: The conditional flow of each local site (a registry name, a Zuko
-            flow class, or ``None`` for a diagonal Gaussian encoder) and the
-            flow of the globals. Default: ``DEFAULT_FLOW``.
+            flow class, or ``None`` for a diagonal Gaussian encoder). Default:
+            ``DEFAULT_LOCAL_FLOW`` (NSF). The globals get
+            :class:`~pyro_flowguide.AutoFlowGuide`'s default flow (no flow when
+            ``flow=None``) unless ``global_options`` names one.
         encoder: An ``nn.Module`` mapping a context batch ``(B, C)`` to
             features ``(B, H)``, used for every local site, or a dict of them
             by site name. Default: an MLP with ``encoder_features`` hidden
@@ -368,7 +375,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         model: Callable,
         amortized: Mapping[str, Callable],
         *,
-        flow: Any = DEFAULT_FLOW,
+        flow: Any = DEFAULT_LOCAL_FLOW,
         encoder: nn.Module | Mapping[str, nn.Module] | None = None,
         encoder_features: Sequence[int] = DEFAULT_ENCODER_FEATURES,
         condition_on_globals: bool = True,
@@ -432,7 +439,13 @@ class AutoAmortizedFlowGuide(AutoGuide):
         global_names = [n for n in sites if n not in local_names]
         dtype, device = torch.get_default_dtype(), None
         if global_names:
-            options = {"flow": self._flow_arg[0], "init_loc_fn": self._init_loc_fn, "init_scale": self._init_scale}
+            # Globals get AutoFlowGuide's own default flow (none with flow=None,
+            # the all-Gaussian baseline).
+            options = {
+                "flow": None if self._flow_arg[0] is None else DEFAULT_FLOW,
+                "init_loc_fn": self._init_loc_fn,
+                "init_scale": self._init_scale,
+            }
             options.update(self._global_options)
             self.global_guide = _GlobalFlowGuide(poutine.block(self.model, hide=list(local_names)), **options)
             self.global_guide._setup_prototype(*args, **kwargs)

@@ -52,6 +52,7 @@ __all__ = [
     "AutoFlowGuide",
     "DEFAULT_FLOW",
     "GuideSetupError",
+    "STL_FULL_PASSES_MAX_DIM",
     "STL_MAX_DIM",
 ]
 
@@ -60,6 +61,10 @@ DEFAULT_FLOW = "MAF"
 
 #: Largest latent size for which ``estimator="auto"`` picks sticking the landing.
 STL_MAX_DIM = 64
+
+#: Above this latent size an STL-trained MAF/NSF uses two autoregressive blocks
+#: (``passes=2``) unless ``passes`` is given: its inverse is then two passes.
+STL_FULL_PASSES_MAX_DIM = 16
 
 
 class GuideSetupError(ValueError):
@@ -320,12 +325,13 @@ class AutoFlowGuide(AutoContinuous):
             )
         else:
             self.scale_tril = None
-        self.flow = self._build_flow(dim).to(dtype=dtype, device=device)
         if self.estimator == "auto":
             # The STL inverse of an autoregressive flow takes one pass per
-            # coordinate, so it pays off only while the latent is small.
+            # coordinate (or per block, see _build_flow), so it pays off only
+            # while the latent is small.
             cheap = _has_cheap_inverse(self._flow_arg[0]) and dim <= STL_MAX_DIM
             self.estimator = "stl" if cheap else "reparam"
+        self.flow = self._build_flow(dim).to(dtype=dtype, device=device)
 
     def _check_sites(self, args: tuple, kwargs: dict) -> None:
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -389,6 +395,12 @@ class AutoFlowGuide(AutoContinuous):
         hyper = dict(self._hyper)
         if isinstance(flow, str) or (isinstance(flow, type) and issubclass(flow, zuko.lazy.Flow)):
             hyper.setdefault("hidden_features", (_hidden_size(dim),) * 2)
+            name = flow if isinstance(flow, str) else flow.__name__
+            if self.estimator == "stl" and dim > STL_FULL_PASSES_MAX_DIM and name.lower() in ("maf", "nsf"):
+                # Scoring under STL inverts the flow; two autoregressive blocks
+                # invert in two passes instead of one per coordinate, and on the
+                # 25-D logistic regression lose nothing measurable.
+                hyper.setdefault("passes", 2)
         else:
             hyper = {}
         return flow_transform(flow, dim, direction="sample", identity_init=True, **hyper)
