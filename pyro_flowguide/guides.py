@@ -21,6 +21,25 @@ Why this shape (measured on the benchmark targets, ``benchmarks/posteriors.py``)
   near-Gaussian posteriors, where flows alone are slow to learn correlations;
 * the flow is applied in its one-pass direction (``direction="sample"``), so a
   draw and its log-density come from a single network pass.
+
+The defaults were chosen on the five targets of ``benchmarks/posteriors.py``
+(protocol A: 3000 steps, 4 vectorised particles, lr 1e-2 -> 1e-3, seed 0 unless
+stated; w1 is the per-coordinate Wasserstein-1 distance to the truth over its sd):
+
+* **Sticking the landing** (``estimator="stl"``) is the largest gain: MAF on
+  the banana 0.10-0.51 -> 0.04 (two seeds of the plain gradient disagreed that
+  much), funnel 0.084 -> 0.051, mixture 0.052 -> 0.031. Its price is one
+  inverse pass per step, so it is the default only where the inverse is
+  closed form and the latent small (``STL_MAX_DIM``); above
+  ``STL_FULL_PASSES_MAX_DIM`` latents the autoregressive flow uses two blocks
+  so that the inverse stays two passes (logistic regression, D = 25: w1 0.038
+  either way, step 7.4x -> 1.9x the plain-gradient guide).
+* **MAF** over NSF and RealNVP: with STL, banana 0.042 vs 0.087 (RealNVP);
+  NSF's splines act on [-5, 5] only and cannot shift mass further, which the
+  banana's curved ridge needs.
+* **Log-scale affine stage starting at ``init_scale=1``**: Adam's steps on a
+  log-scale are relative, so a posterior ten times wider or narrower than the
+  start is reached in a few hundred steps (banana z1 has sd 10).
 """
 
 from __future__ import annotations
@@ -28,14 +47,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn.module import PyroParam
