@@ -32,14 +32,6 @@ from pyro_flowguide._zuko import zuko
 SMALL = {"hidden_features": (16, 16), "transforms": 2}
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 # ---------------------------------------------------------------- model zoo
 def scalar_model():
     pyro.sample("a", dist.Normal(0.0, 1.0))
