@@ -18,6 +18,9 @@ as JSON after a colon, e.g. ``zuko_nsf:{"transforms": 4}``):
   a Zuko flow of that family over the flat unconstrained latent, inverted so
   that sampling is one pass, 3 transforms, hidden ``(H, H)``. Keyword
   arguments: ``transforms``, ``hidden`` (int or list) and any other Zuko option.
+* ``exact``: no training; ``draws`` exact posterior draws scored like a
+  guide's (the noise floor of w1 and of the std ratio at that many draws).
+  Exact targets only; skipped with a note on the NUTS targets.
 * ``autoflow`` and the named variants in :data:`AUTOFLOW_VARIANTS`:
   ``pyro_flowguide.AutoFlowGuide(model, **kwargs)``. ``autoflow:{...}`` passes
   the JSON keyword arguments. Skipped with a note while the class does not exist.
@@ -353,6 +356,8 @@ def run_one(
     """
     torch.set_num_threads(1)
     spec = get_target(target)
+    if guide_name == "exact":
+        return _score_exact(spec, seed, steps, trainer, draws)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
@@ -380,6 +385,26 @@ def run_one(
     }
 
 
+def _score_exact(spec: Target, seed: int, steps: int, trainer: str, draws: int) -> dict[str, Any]:
+    """The noise floor: ``draws`` exact posterior draws scored like a guide's."""
+    if spec.exact is None:
+        raise GuideUnavailable(f"target {spec.name!r} has no exact sampler (its reference is NUTS)")
+    start = time.perf_counter()
+    scores = metrics(spec.exact_draws(draws, seed=10_000 + seed), spec.reference_draws())
+    return {
+        "target": spec.name,
+        "guide": "exact",
+        "seed": seed,
+        "steps": steps,
+        "trainer": trainer,
+        **scores,
+        "ms_per_step": float("nan"),
+        "params": 0,
+        "final_loss": float("nan"),
+        "wall_s": time.perf_counter() - start,
+    }
+
+
 def run_grid(
     targets: list[str],
     guides: list[str],
@@ -397,14 +422,16 @@ def run_grid(
     rows, skipped = [], set()
     for target in targets:
         for guide in guides:
+            # a missing class skips the guide everywhere; a missing exact sampler one target
+            key = (guide, target) if guide == "exact" else guide
             for seed in seeds:
-                if guide in skipped:
+                if key in skipped:
                     continue
                 try:
                     row = run_one(target, guide, seed, steps, trainer, draws)
                 except GuideUnavailable as e:
                     log(f"note: skipping {guide}: {e}")
-                    skipped.add(guide)
+                    skipped.add(key)
                     continue
                 rows.append(row)
                 if on_row is not None:
@@ -486,7 +513,7 @@ def _split_specs(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Protocol A benchmark of posterior guides.")
     parser.add_argument("--targets", default=",".join(target_names()))
-    parser.add_argument("--guides", default=",".join((*ANCHORS, "autoflow")))
+    parser.add_argument("--guides", default=",".join(("exact", *ANCHORS, "autoflow")))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--trainer", choices=("svi", "fit"), default="svi")
