@@ -125,17 +125,14 @@ def test_khat_flags_a_mean_field_guide_on_the_banana():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(pfg, "AutoFlowGuide"), reason="AutoFlowGuide not available")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the default AutoFlowGuide's z1 tails are lighter than N(0, 10): k-hat 0.70 on 20,000 "
-    "draws (0.47-0.72 over draw seeds; 0.18-0.40 on 2,000 draws) although its log-evidence is "
-    "-0.001 +/- 0.001 (exact: 0); strict, so this fails once the guide reaches k < 0.5",
-)
 def test_khat_passes_a_flow_guide_on_the_banana():
     guide = pfg.AutoFlowGuide(banana)
     fit(banana, guide, steps=3000, progress=False, seed=0)
     pyro.set_rng_seed(0)
-    result = psis_diagnostic(banana, guide, num_samples=20_000)  # as many draws as the AutoNormal case
+    # As many draws as the AutoNormal case. With fit's default 32 particles k-hat is
+    # 0.23-0.26 over four draw seeds (training seed 1: 0.47-0.61); with 4 particles
+    # it was 0.70: the guide's z1 tails were lighter than N(0, 10).
+    result = psis_diagnostic(banana, guide, num_samples=20_000)
     assert result.khat < 0.5, result
 
 

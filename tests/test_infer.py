@@ -366,6 +366,28 @@ def test_falls_back_to_sequential_particles_with_one_warning():
     assert all(math.isfinite(v) for v in result.losses)
 
 
+def test_particle_count_follows_the_guide_unless_given():
+    guide = pfg.AutoFlowGuide(model)
+    result = fit(model, guide, DATA, steps=2, progress=False)
+    assert guide.default_num_particles == 32
+    assert result.num_particles == 32 and result.vectorized is True
+    pyro.clear_param_store()
+    result = fit(model, pfg.AutoFlowGuide(model), DATA, steps=2, num_particles=3, progress=False)
+    assert result.num_particles == 3 and result.vectorized is True
+    pyro.clear_param_store()
+    result = fit(model, pfg.AutoFlowGuide(model), DATA, steps=2, vectorize_particles=False, progress=False)
+    assert result.num_particles == 4 and result.vectorized is False  # sequential: capped
+
+    def shape_bound(y):
+        z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0))
+        pyro.sample("y", dist.Normal(z.sum(), 1.0), obs=y.sum())
+
+    pyro.clear_param_store()
+    with pytest.warns(UserWarning, match="32 vectorised particles .*using 4 sequential"):
+        result = fit(shape_bound, pfg.AutoFlowGuide(shape_bound), DATA, steps=2, progress=False)
+    assert result.num_particles == 4 and result.vectorized is False
+
+
 def test_result_plot_and_repr():
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
