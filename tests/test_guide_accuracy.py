@@ -32,11 +32,16 @@ def test_conjugate_gaussian_posterior_is_recovered():
 
     def model(x):
         z = pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))
-        pyro.sample("x", dist.Normal(A @ z, noise).to_event(1), obs=x)
+        # z @ A.T broadcasts over fit's vectorised particles (A @ z would not)
+        pyro.sample("x", dist.Normal(z @ A.T, noise).to_event(1), obs=x)
 
     pyro.clear_param_store()
-    guide = pfg.AutoFlowGuide(model, hidden_features=(32, 32))
-    pfg.fit(model, guide, x, steps=2000, seed=0, progress=False)
+    guide = pfg.AutoFlowGuide(model)
+    # Every default of guide and fit (3000 steps, 32 vectorised particles). Over
+    # training seeds 0-3 x 3 draw seeds k-hat ranged from -0.08 to 0.37, 11 of 12
+    # below 0.3; mean errors 0.007-0.012 sd, covariance errors 0.002-0.011.
+    result = pfg.fit(model, guide, x, seed=0, progress=False)
+    assert result.num_particles == 32 and result.vectorized
 
     pyro.set_rng_seed(1)
     draws = guide.sample_posterior(40000, x)["z"]
