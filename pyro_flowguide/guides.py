@@ -33,7 +33,10 @@ stated; w1 is the per-coordinate Wasserstein-1 distance to the truth over its sd
   closed form and the latent small (``STL_MAX_DIM``); above
   ``STL_FULL_PASSES_MAX_DIM`` latents the autoregressive flow uses two blocks
   so that the inverse stays two passes (logistic regression, D = 25: w1 0.038
-  either way, step 7.4x -> 1.9x the plain-gradient guide).
+  either way, step 7.4x -> 1.9x the plain-gradient guide). Not below: at
+  D = 10 two blocks halve the step time but cost the funnel, whose x must
+  follow v coordinate by coordinate (w1 0.054 -> 0.128; eight schools 0.054
+  -> 0.050).
 * **MAF** over NSF and RealNVP: with STL, banana 0.042 vs 0.087 (RealNVP);
   NSF's splines act on [-5, 5] only and cannot shift mass further, which the
   banana's curved ridge needs.
