@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/step_time.py                      # banana, eight schools, logreg
     python benchmarks/step_time.py --targets funnel10 --blocks 10
+    python benchmarks/step_time.py --guides autoflow --particles 4,32   # what fit's 32 particles cost
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pyro.infer import SVI, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.posteriors import make_guide, protocol_a_optimizer  # noqa: E402
+from benchmarks.posteriors import _split_specs, make_guide, protocol_a_optimizer  # noqa: E402
 from benchmarks.targets import get_target  # noqa: E402
 from pyro_flowguide.transforms import clear_flow_caches  # noqa: E402
 
@@ -40,30 +41,37 @@ def _step(svi: SVI, guide) -> None:
         clear_flow_caches(guide)
 
 
-def compare(target_name: str, blocks: int = 6, block_steps: int = 50) -> dict[str, float]:
-    """Median ms/step per guide on one target, timed in interleaved blocks."""
+def compare(
+    target_name: str,
+    blocks: int = 6,
+    block_steps: int = 50,
+    guides: tuple[str, ...] = GUIDES,
+    particles: tuple[int, ...] = (4,),
+) -> dict[tuple[str, int], float]:
+    """Median ms/step per (guide, particle count) on one target, timed in interleaved blocks."""
     target = get_target(target_name)
     runs = {}
-    for spec in GUIDES:
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        guide = make_guide(spec, target)
-        elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=target.max_plate_nesting)
-        svi = SVI(target.model, guide, protocol_a_optimizer(3000), elbo)
-        for _ in range(30):
-            _step(svi, guide)
-        runs[spec] = (svi, guide, pyro.get_param_store().get_state())
-    times: dict[str, list[float]] = {spec: [] for spec in GUIDES}
+    for spec in guides:
+        for n in particles:
+            pyro.clear_param_store()
+            pyro.set_rng_seed(0)
+            guide = make_guide(spec, target)
+            elbo = Trace_ELBO(num_particles=n, vectorize_particles=True, max_plate_nesting=target.max_plate_nesting)
+            svi = SVI(target.model, guide, protocol_a_optimizer(3000), elbo)
+            for _ in range(30):
+                _step(svi, guide)
+            runs[spec, n] = (svi, guide, pyro.get_param_store().get_state())
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
     for _ in range(blocks):
-        for spec in GUIDES:
-            svi, guide, state = runs[spec]
+        for key in runs:
+            svi, guide, state = runs[key]
             pyro.get_param_store().set_state(state)  # each guide trains on its own parameters
             start = time.perf_counter()
             for _ in range(block_steps):
                 _step(svi, guide)
-            times[spec].append((time.perf_counter() - start) / block_steps * 1e3)
-            runs[spec] = (svi, guide, pyro.get_param_store().get_state())
-    return {spec: statistics.median(t) for spec, t in times.items()}
+            times[key].append((time.perf_counter() - start) / block_steps * 1e3)
+            runs[key] = (svi, guide, pyro.get_param_store().get_state())
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def main() -> None:
@@ -71,12 +79,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="banana,eight_schools_centered,logreg")
     parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--guides", default=",".join(GUIDES), help="guide specs (commas inside JSON are fine)")
+    parser.add_argument("--particles", default="4", help="vectorised particle counts, e.g. 4,32")
     args = parser.parse_args()
-    print(f"{'target':24s} {'guide':34s} {'ms/step':>8s} {'vs zuko_maf':>11s}")
+    guides = tuple(_split_specs(args.guides))
+    particles = tuple(int(n) for n in args.particles.split(","))
+    base = (guides[0], particles[0])
+    print(f"{'target':24s} {'guide':34s} {'particles':>9s} {'ms/step':>8s} {'ratio':>6s}  (ratio to {base[0]}, {base[1]} particles)")
     for name in args.targets.split(","):
-        ms = compare(name, args.blocks)
-        for spec, value in ms.items():
-            print(f"{name:24s} {spec:34s} {value:8.2f} {value / ms['zuko_maf']:10.2f}x", flush=True)
+        ms = compare(name, args.blocks, guides=guides, particles=particles)
+        for (spec, n), value in ms.items():
+            print(f"{name:24s} {spec:34s} {n:9d} {value:8.2f} {value / ms[base]:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -313,11 +313,14 @@ class AutoFlowGuide(AutoContinuous):
     #: Particles per step that :func:`pyro_flowguide.fit` uses by default with
     #: this guide (protocol A uses 4). Mean w1 over seeds 0-2 at 4 / 16 / 32
     #: vectorised particles: banana 0.047 / 0.035 / 0.032 (2000 exact draws
-    #: score 0.032), mixture 0.058 / 0.046 / 0.042, eight schools 0.054 / 0.042 /
-    #: 0.034; 16 particles: funnel 0.054 -> 0.044, logistic regression 0.038 ->
-    #: 0.034. At these sizes a step costs 1.1-1.3x as much with 32 particles as
-    #: with 4 (the networks are small; a step is mostly fixed overhead); on a
-    #: model with much data per step pass ``num_particles`` to fit.
+    #: score 0.032), mixture 0.058 / 0.046 / 0.042; funnel 0.054 / 0.044 / -,
+    #: eight schools 0.054 / 0.042 / 0.034 (seeds 0-1), logistic regression
+    #: 0.038 / 0.034 / -. Through ``fit`` with 32 (``benchmarks/posteriors.py
+    #: --trainer fit``): 0.031, 0.034, 0.040, 0.033 and 0.032. On the five
+    #: targets a step costs 1.04-1.14x as much with 32 particles as with 4
+    #: (``benchmarks/step_time.py --guides autoflow --particles 4,32``): the
+    #: networks are small, so a step is mostly fixed overhead. On a model with
+    #: much data per step, pass ``num_particles`` to ``fit``.
     default_num_particles = 32
     #: Scales are learned on the log scale: Adam's steps are then relative, so a
     #: posterior 100x wider or narrower than ``init_scale`` is reached quickly.

@@ -692,11 +692,11 @@ def _setup(model, guide, args, kwargs) -> int:
 def _choose_loss(model, guide, args, kwargs, num_particles: int | None, vectorize: bool):
     """The default ELBO, falling back to sequential particles if the model rejects an outer plate."""
     max_plate_nesting = _setup(model, guide, args, kwargs)
-    chosen = num_particles is not None
-    if not chosen:
+    sequential = num_particles  # as many as asked for, or at most the default: each is a full pass
+    if num_particles is None:
         num_particles = int(getattr(guide, "default_num_particles", DEFAULT_NUM_PARTICLES))
+        sequential = min(num_particles, DEFAULT_NUM_PARTICLES)
     if not (vectorize and num_particles > 1):
-        sequential = num_particles if chosen else min(num_particles, DEFAULT_NUM_PARTICLES)
         return default_loss(sequential, False, max_plate_nesting), False
     loss = default_loss(num_particles, True, max_plate_nesting)
     try:
@@ -711,7 +711,6 @@ def _choose_loss(model, guide, args, kwargs, num_particles: int | None, vectoriz
             # The model fails without the particle plate too: not a plate problem.
             # Keep the vectorised loss and let the first step report the real error.
             return loss, True
-        sequential = num_particles if chosen else min(num_particles, DEFAULT_NUM_PARTICLES)
         warnings.warn(
             f"fit: the model cannot run under an outer plate of {num_particles} vectorised "
             f"particles ({_first_line(vec_err)}); using {sequential} sequential particles "
