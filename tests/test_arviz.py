@@ -42,13 +42,6 @@ def _data():
     return x, g, y
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def test_groups_dims_coords_and_values():
     x, g, y = _data()
     guide = AutoNormal(regression)

@@ -19,13 +19,6 @@ L = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
 GAUSS = dist.MultivariateNormal(torch.zeros(2), scale_tril=L)
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 class Count(Callback):
     def __init__(self):
         self.steps = 0

@@ -17,13 +17,6 @@ from pyro_flowguide.infer import fit
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def banana():
     z1 = pyro.sample("z1", dist.Normal(0.0, 10.0))
     pyro.sample("z2", dist.Normal(0.03 * z1**2 - 3.0, 1.0))

@@ -67,12 +67,11 @@ def _new_flow_guide():
 
 
 @pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
+def _reset_flags():
+    # conftest gives every test a fresh param store and seed; this resets the test model's switch
     FLAGS["mode"] = None
     yield
     FLAGS["mode"] = None
-    pyro.clear_param_store()
 
 
 def _params() -> dict[str, torch.Tensor]:
