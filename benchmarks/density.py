@@ -47,6 +47,7 @@ from sklearn.datasets import make_circles, make_moons
 from sklearn.preprocessing import StandardScaler
 
 from pyro_flowguide._zuko import zuko
+from pyro_flowguide.demo import sample_target, target_log_density
 from pyro_flowguide.flows import base_distribution
 from pyro_flowguide.transforms import clear_flow_caches, flow_transform
 
@@ -104,14 +105,8 @@ def sklearn_set(name: str, n_train: int):
 
 def ab_set(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-
-    def draws(n):
-        a = 1 + torch.rand(n, generator=g)
-        return torch.stack([a, a + a.sqrt() * torch.randn(n, generator=g)], dim=-1)
-
-    train, test = draws(10_000), draws(20_000)
-    truth = -dist.Normal(test[:, 0], test[:, 0].sqrt()).log_prob(test[:, 1]).mean().item()
-    return train, test, truth
+    train, test = sample_target(10_000, g), sample_target(20_000, g)
+    return train, test, -target_log_density(test).mean().item()
 
 
 # ---------------------------------------------------------------------------

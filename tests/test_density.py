@@ -19,6 +19,8 @@ from __future__ import annotations
 import gc
 import math
 import os
+import sys
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -27,68 +29,28 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_flowguide._zuko import zuko
+from pyro_flowguide.demo import sample_target, target_log_density
 from pyro_flowguide.flows import base_distribution, flow_names, get_flow
 from pyro_flowguide.transforms import clear_flow_caches, flow_transform
 
-NOISE = 0.05
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
 
 
 # ---------------------------------------------------------------------------
 # Targets and their exact densities
 
 
-def _ab_draws(n: int, generator: torch.Generator) -> torch.Tensor:
-    a = 1 + torch.rand(n, generator=generator)
-    b = a + a.sqrt() * torch.randn(n, generator=generator)
-    return torch.stack([a, b], dim=-1)
+def _truths():
+    """``benchmarks/density.py``, whose exact circles/moons densities these tests check."""
+    pytest.importorskip("sklearn")
+    import benchmarks.density as truths
 
-
-def _ab_log_density(x: torch.Tensor) -> torch.Tensor:
-    a, b = x[..., 0], x[..., 1]
-    return dist.Normal(a, a.sqrt()).log_prob(b)  # + log U[1, 2](a) = 0
-
-
-def _circles_log_density(x: torch.Tensor, factor: float = 0.5) -> torch.Tensor:
-    # A ring of radius R with uniform angle, blurred by N(0, s^2 I), has density
-    # exp(-(r^2 + R^2) / 2s^2) I0(r R / s^2) / (2 pi s^2); i0e keeps it finite.
-    r = x.double().norm(dim=-1)
-    s2 = NOISE**2
-    rings = [
-        -math.log(2 * math.pi * s2) - (r - R) ** 2 / (2 * s2) + torch.special.i0e(r * R / s2).log()
-        for R in (1.0, factor)
-    ]
-    return torch.logsumexp(torch.stack(rings), dim=0) - math.log(2)
-
-
-def _moons_log_density(x: torch.Tensor, nodes: int = 4000) -> torch.Tensor:
-    theta = (torch.arange(nodes, dtype=torch.float64) + 0.5) / nodes * math.pi
-    upper = torch.stack([theta.cos(), theta.sin()], dim=-1)
-    lower = torch.stack([1 - theta.cos(), 0.5 - theta.sin()], dim=-1)
-    curve = torch.cat([upper, lower])
-    d2 = (x.double()[:, None, :] - curve).square().sum(-1)
-    return (
-        torch.logsumexp(-d2 / (2 * NOISE**2), dim=-1)
-        - math.log(2 * nodes)
-        - math.log(2 * math.pi * NOISE**2)
-    )
+    return truths
 
 
 def _sklearn_set(name: str, n_train: int):
     """Standardised train / test tensors and the true test NLL (nats/point, standardised units)."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    preprocessing = pytest.importorskip("sklearn.preprocessing")
-    make, kwargs, log_density = {
-        "circles": (datasets.make_circles, {"factor": 0.5}, _circles_log_density),
-        "moons": (datasets.make_moons, {}, _moons_log_density),
-    }[name]
-    small, _ = make(1000, noise=NOISE, random_state=0, **kwargs)
-    scaler = preprocessing.StandardScaler().fit(small)
-    train = small if n_train == 1000 else make(n_train, noise=NOISE, random_state=2, **kwargs)[0]
-    test, _ = make(5000, noise=NOISE, random_state=1, **kwargs)
-    log_scale = float(torch.tensor(scaler.scale_).log().sum())
-    truth = -(log_density(torch.tensor(test)) + log_scale).mean().item()
-    as_tensor = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
-    return as_tensor(train), as_tensor(test), truth
+    return _truths().sklearn_set(name, n_train)
 
 
 def test_truths_match_the_quoted_figures():
@@ -96,7 +58,7 @@ def test_truths_match_the_quoted_figures():
     exact = 0.5 * math.log(2 * math.pi * math.e) + 0.5 * (2 * math.log(2) - 1)
     assert exact == pytest.approx(1.6121, abs=1e-4)
     g = torch.Generator().manual_seed(0)
-    mc = -_ab_log_density(_ab_draws(200_000, g).double()).mean().item()
+    mc = -target_log_density(sample_target(200_000, g).double()).mean().item()
     assert mc == pytest.approx(exact, abs=0.005)
     # The circles figure of the classic flow tutorial's set-up.
     _, _, truth = _sklearn_set("circles", 1000)
@@ -109,8 +71,10 @@ def test_circles_closed_form_matches_quadrature():
     ring = torch.stack([theta.cos(), theta.sin()], dim=-1)
     curve = torch.cat([ring, 0.5 * ring])
     d2 = (x[:, None, :] - curve).square().sum(-1)
-    quad = torch.logsumexp(-d2 / (2 * NOISE**2), -1) - math.log(8000 * 2 * math.pi * NOISE**2)
-    torch.testing.assert_close(_circles_log_density(x), quad, atol=1e-8, rtol=1e-8)
+    truths = _truths()
+    s2 = truths.NOISE**2
+    quad = torch.logsumexp(-d2 / (2 * s2), -1) - math.log(8000 * 2 * math.pi * s2)
+    torch.testing.assert_close(truths._circles_log_density(x), quad, atol=1e-8, rtol=1e-8)
 
 
 # ---------------------------------------------------------------------------
@@ -222,8 +186,8 @@ def _test_nll(flow_dist, module, data) -> float:
 @pytest.mark.slow
 def test_ab_target_affine_coupling_with_lu_torch_loop():
     g = torch.Generator().manual_seed(0)
-    train, test = _ab_draws(10_000, g), _ab_draws(20_000, g)
-    truth = -_ab_log_density(test).mean().item()
+    train, test = sample_target(10_000, g), sample_target(20_000, g)
+    truth = -target_log_density(test).mean().item()
     loc, scale = train.mean(0), train.std(0)
     T = flow_transform(_affine_coupling_with_lu(2, 4, (64, 64)), 2, direction="density")
     flow = dist.TransformedDistribution(base_distribution("real", 2), [T])
@@ -247,8 +211,8 @@ def test_circles_spline_coupling_under_svi():
 @pytest.mark.slow
 def test_conditional_spline_flow_learns_b_given_a():
     g = torch.Generator().manual_seed(1)
-    train, test = _ab_draws(10_000, g), _ab_draws(20_000, g)
-    truth = -_ab_log_density(test).mean().item()  # = -log p(b | a), as log p(a) = 0
+    train, test = sample_target(10_000, g), sample_target(20_000, g)
+    truth = -target_log_density(test).mean().item()  # = -log p(b | a), as log p(a) = 0
     loc, scale = train.mean(0), train.std(0)
     train, test = (train - loc) / scale, (test - loc) / scale
     C = flow_transform("NSF", 1, context=1, direction="density", transforms=1)
