@@ -28,15 +28,12 @@ stated; w1 is the per-coordinate Wasserstein-1 distance to the truth over its sd
 
 * **Sticking the landing** (``estimator="stl"``) is the largest gain: MAF on
   the banana 0.10-0.51 -> 0.04 (two seeds of the plain gradient disagreed that
-  much), funnel 0.084 -> 0.051, mixture 0.052 -> 0.031. Its price is one
-  inverse pass per step, so it is the default only where the inverse is
-  closed form and the latent small (``STL_MAX_DIM``); above
-  ``STL_FULL_PASSES_MAX_DIM`` latents the autoregressive flow uses two blocks
-  so that the inverse stays two passes (logistic regression, D = 25: w1 0.038
-  either way, step 7.4x -> 1.9x the plain-gradient guide). Not below: at
-  D = 10 two blocks halve the step time but cost the funnel, whose x must
-  follow v coordinate by coordinate (w1 0.054 -> 0.128; eight schools 0.054
-  -> 0.050).
+  much), funnel 0.084 -> 0.051, mixture 0.052 -> 0.031. It needs the score
+  :math:`\nabla_u \log q(u)` of each draw, which the guide gets from one
+  backward pass batched over the latent's coordinates and a small solve, not
+  from inverting the flow (one network pass per coordinate for MAF): a step
+  costs 1.2-1.4x the plain gradient's on the five targets instead of 1.5-3x.
+  It is the default up to ``STL_MAX_DIM`` latents.
 * **MAF** over NSF and RealNVP: with STL, banana 0.042 vs 0.087 (RealNVP);
   NSF's splines act on [-5, 5] only and cannot shift mass further, which the
   banana's curved ridge needs. Wider (hidden 128) or deeper (4 transforms)
@@ -85,7 +82,6 @@ __all__ = [
     "AutoFlowGuide",
     "DEFAULT_FLOW",
     "GuideSetupError",
-    "STL_FULL_PASSES_MAX_DIM",
     "STL_MAX_DIM",
 ]
 
@@ -95,9 +91,6 @@ DEFAULT_FLOW = "MAF"
 #: Largest latent size for which ``estimator="auto"`` picks sticking the landing.
 STL_MAX_DIM = 64
 
-#: Above this latent size an STL-trained MAF/NSF uses two autoregressive blocks
-#: (``passes=2``) unless ``passes`` is given: its inverse is then two passes.
-STL_FULL_PASSES_MAX_DIM = 16
 
 
 class GuideSetupError(ValueError):
@@ -166,6 +159,39 @@ def _inverse_with_ladj(parts: Sequence[Transform], y: Tensor) -> tuple[Tensor, T
     return y, total
 
 
+def _draw_with_score(
+    parts: Sequence[Transform], base: dist.Distribution, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""A draw ``u = T(eps)``, its log-density and the score :math:`\nabla_u \log q(u)`.
+
+    The score is what sticking the landing needs, and it needs no inverse pass:
+    with :math:`h(\varepsilon) = \log p(\varepsilon) - \log|\det J(\varepsilon)|`
+    and :math:`J = \partial u / \partial \varepsilon`,
+    :math:`\nabla_u \log q(u) = J^{-\top} \nabla_\varepsilon h`. Both ``J`` and
+    :math:`\nabla_\varepsilon h` come from one backward pass through the draw's own
+    graph, batched over the ``D + 1`` output directions; a ``D x D`` solve per
+    draw finishes it. An autoregressive inverse instead takes one network pass
+    per coordinate.
+    """
+    eps = eps.detach().requires_grad_(True)
+    u, ladj = _forward_with_ladj(parts, eps)
+    log_q = base.log_prob(eps) - ladj
+    d = u.shape[-1]
+    # Direction k < d picks u_k (row k of J); direction d picks log_q.
+    eye = torch.eye(d + 1, d, dtype=u.dtype, device=u.device)
+    lead = (1,) * (u.dim() - 1)
+    grad_u = eye.reshape((d + 1,) + lead + (d,)).expand((d + 1,) + u.shape)
+    grad_h = eye.new_zeros(d + 1)
+    grad_h[d] = 1.0
+    grad_h = grad_h.reshape((d + 1,) + lead).expand((d + 1,) + log_q.shape)
+    (rows,) = torch.autograd.grad(
+        (u, log_q), (eps,), (grad_u, grad_h), retain_graph=True, is_grads_batched=True
+    )
+    jac_t = rows[:d].movedim(0, -1)  # J^T: [..., i, k] = d u_k / d eps_i
+    score = torch.linalg.solve(jac_t, rows[d].unsqueeze(-1)).squeeze(-1)
+    return u, log_q, score
+
+
 def _event_sum(ladj: Tensor, t: Transform) -> Tensor:
     # Element-wise transforms (event_dim 0) report one term per coordinate.
     return ladj.sum(-1) if t.domain.event_dim == 0 else ladj
@@ -176,10 +202,11 @@ class _FlowPosterior(dist.TorchDistribution):
 
     A draw and its log-density come from one forward pass and the log-density
     is kept for the draw, so scoring one's own samples inverts nothing. With
-    ``detached_parts`` (sticking the landing) draws are scored by an inverse pass
-    through parameter-detached copies of the transforms instead: the gradient
-    then flows only along the sampling path, and its variance vanishes as the
-    guide approaches the posterior.
+    ``detached_parts`` (sticking the landing) the log-density of a draw carries
+    gradient only along the sampling path, whose variance vanishes as the guide
+    approaches the posterior: for its own draws through the score
+    :math:`\nabla_u \log q(u)` (see :func:`_draw_with_score`), for any other
+    value through an inverse pass of parameter-detached copies of the transforms.
     """
 
     arg_constraints: dict = {}
@@ -196,7 +223,7 @@ class _FlowPosterior(dist.TorchDistribution):
         self.base = base
         self.parts = list(parts)
         self.detached_parts = detached_parts
-        self._last: tuple[Tensor, Tensor] | None = None
+        self._last: tuple[Tensor, Tensor, Tensor | None] | None = None
         super().__init__(batch_shape, base.event_shape, validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
@@ -204,22 +231,28 @@ class _FlowPosterior(dist.TorchDistribution):
 
     def rsample_and_log_prob(self, sample_shape=torch.Size()) -> tuple[Tensor, Tensor]:
         eps = self.base.rsample(torch.Size(sample_shape) + self.batch_shape)
-        u, ladj = _forward_with_ladj(self.parts, eps)
-        log_q = self.base.log_prob(eps) - ladj
-        self._last = (u, log_q)
+        if self.detached_parts is not None and torch.is_grad_enabled():
+            u, log_q, score = _draw_with_score(self.parts, self.base, eps)
+        else:
+            u, ladj = _forward_with_ladj(self.parts, eps)
+            log_q, score = self.base.log_prob(eps) - ladj, None
+        self._last = (u, log_q, score)
         return u, log_q
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         return self.rsample_and_log_prob(sample_shape)[0]
 
     def log_prob(self, value: Tensor) -> Tensor:
-        if self.detached_parts is not None:
-            eps, ladj = _inverse_with_ladj(self.detached_parts, value)
-            return self.base.log_prob(eps) - ladj
         last = self._last
         if last is not None and last[0] is value:
-            return last[1]
-        eps, ladj = _inverse_with_ladj(self.parts, value)
+            u, log_q, score = last
+            if score is None:
+                return log_q
+            # The value of log q(u); the gradient of log q with its parameters
+            # held fixed, taken along the path u(theta) only.
+            return log_q.detach() + ((u - u.detach()) * score).sum(-1)
+        parts = self.parts if self.detached_parts is None else self.detached_parts
+        eps, ladj = _inverse_with_ladj(parts, value)
         return self.base.log_prob(eps) - ladj
 
 
@@ -251,15 +284,16 @@ class AutoFlowGuide(AutoContinuous):
         hidden_features: Hidden layer sizes of the flow's networks; default
             ``(H, H)`` with ``H = max(64, 4 D)``.
         transforms: Number of flow layers (registry families only).
-        estimator: ``"stl"`` ("sticking the landing": draws are scored with
-            parameter-detached transforms, so the gradient's variance vanishes
-            as the guide approaches the posterior; costs one inverse pass per
-            step), ``"reparam"`` (the plain reparameterisation gradient), or
-            ``"auto"`` (the default): STL when the flow has a closed-form
-            inverse (registry families MAF, NSF, NICE, RealNVP, or no flow)
-            and the latent has at most ``STL_MAX_DIM`` coordinates, the plain
-            gradient otherwise (numerical inverses, Pyro transforms such as
-            planar flows that have none, large latents).
+        estimator: ``"stl"`` ("sticking the landing": a draw's log-density
+            is differentiated along the sampling path only, with the flow's
+            parameters held fixed, so the gradient's variance vanishes as the
+            guide approaches the posterior; works with every flow, inverse or
+            not, and costs one extra backward pass batched over the latent's
+            coordinates), ``"reparam"`` (the plain reparameterisation
+            gradient), or ``"auto"`` (the default): STL for the families it was
+            measured to help (registry families MAF, NSF, NICE, RealNVP, or no
+            flow) when the latent has at most ``STL_MAX_DIM`` coordinates, the
+            plain gradient otherwise.
         hyper: Further hyper-parameters for the Zuko constructor (e.g. ``bins``).
 
     Example:
@@ -371,11 +405,11 @@ class AutoFlowGuide(AutoContinuous):
         else:
             self.scale_tril = None
         if self.estimator == "auto":
-            # The STL inverse of an autoregressive flow takes one pass per
-            # coordinate (or per block, see _build_flow), so it pays off only
+            # The STL score costs a backward pass batched over the latent's
+            # coordinates and a D x D solve per draw, so it is worth it only
             # while the latent is small.
-            cheap = _has_cheap_inverse(self._flow_arg[0]) and dim <= STL_MAX_DIM
-            self.estimator = "stl" if cheap else "reparam"
+            stl = _stl_by_default(self._flow_arg[0]) and dim <= STL_MAX_DIM
+            self.estimator = "stl" if stl else "reparam"
         self.flow = self._build_flow(dim).to(dtype=dtype, device=device)
 
     def _check_sites(self, args: tuple, kwargs: dict) -> None:
@@ -440,12 +474,6 @@ class AutoFlowGuide(AutoContinuous):
         hyper = dict(self._hyper)
         if isinstance(flow, str) or (isinstance(flow, type) and issubclass(flow, zuko.lazy.Flow)):
             hyper.setdefault("hidden_features", (_hidden_size(dim),) * 2)
-            name = flow if isinstance(flow, str) else flow.__name__
-            if self.estimator == "stl" and dim > STL_FULL_PASSES_MAX_DIM and name.lower() in ("maf", "nsf"):
-                # Scoring under STL inverts the flow; two autoregressive blocks
-                # invert in two passes instead of one per coordinate, and on the
-                # 25-D logistic regression lose nothing measurable.
-                hyper.setdefault("passes", 2)
         else:
             hyper = {}
         return flow_transform(flow, dim, direction="sample", identity_init=True, **hyper)
@@ -585,7 +613,16 @@ class AutoFlowGuide(AutoContinuous):
         )
 
 
-def _has_cheap_inverse(flow: Any) -> bool:
+def _stl_by_default(flow: Any) -> bool:
+    """Whether ``estimator="auto"`` picks STL for this flow (at small latent sizes).
+
+    The families measured with both estimators (see the module docstring),
+    which are the registry's families with a closed-form inverse, and the
+    flowless Gaussian. Zuko's NAF was measured since (banana 0.10 -> 0.09,
+    mixture 0.092 -> 0.087 over seeds 0-1 of protocol A) but still takes the
+    plain gradient by default, as do Pyro's transforms; ``estimator="stl"``
+    works with all of them.
+    """
     if flow is None:
         return True
     if isinstance(flow, str):
