@@ -188,7 +188,9 @@ def _draw_with_score(
         (u, log_q), (eps,), (grad_u, grad_h), retain_graph=True, is_grads_batched=True
     )
     jac_t = rows[:d].movedim(0, -1)  # J^T: [..., i, k] = d u_k / d eps_i
-    score = torch.linalg.solve(jac_t, rows[d].unsqueeze(-1)).squeeze(-1)
+    # A singular J (a collapsed scale) gives a non-finite score, hence a
+    # non-finite gradient that fit's guard skips, rather than an exception.
+    score = torch.linalg.solve_ex(jac_t, rows[d].unsqueeze(-1))[0].squeeze(-1)
     return u, log_q, score
 
 
