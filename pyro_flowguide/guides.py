@@ -24,7 +24,13 @@ Why this shape (measured on the benchmark targets, ``benchmarks/posteriors.py``)
 
 The defaults were chosen on the five targets of ``benchmarks/posteriors.py``
 (protocol A: 3000 steps, 4 vectorised particles, lr 1e-2 -> 1e-3, seed 0 unless
-stated; w1 is the per-coordinate Wasserstein-1 distance to the truth over its sd):
+stated; w1 is the per-coordinate Wasserstein-1 distance to the truth over its sd).
+The figures below were measured while STL's score still came from inverting
+the flow; the batched-backward score gives the same gradients to about 1e-6,
+and a rerun of protocol A moved only by rounding and seed noise (mean w1 over
+seeds 0-2: banana 0.047 -> 0.044, mixture 0.058 -> 0.051, funnel 0.054 ->
+0.052, eight schools 0.054 -> 0.050, logistic regression 0.038 -> 0.040, the
+last now with one autoregressive pass per coordinate, as every other target):
 
 * **Sticking the landing** (``estimator="stl"``) is the largest gain: MAF on
   the banana 0.10-0.51 -> 0.04 (two seeds of the plain gradient disagreed that
@@ -32,8 +38,9 @@ stated; w1 is the per-coordinate Wasserstein-1 distance to the truth over its sd
   :math:`\nabla_u \log q(u)` of each draw, which the guide gets from one
   backward pass batched over the latent's coordinates and a small solve, not
   from inverting the flow (one network pass per coordinate for MAF): a step
-  costs 1.2-1.4x the plain gradient's on the five targets instead of 1.5-3x.
-  It is the default up to ``STL_MAX_DIM`` latents.
+  costs 1.2-1.3x the plain gradient's on the five targets, against 1.5-2.6x
+  when the score came from an inverse pass (``benchmarks/step_time.py``). It
+  is the default up to ``STL_MAX_DIM`` latents.
 * **MAF** over NSF and RealNVP: with STL, banana 0.042 vs 0.087 (RealNVP);
   NSF's splines act on [-5, 5] only and cannot shift mass further, which the
   banana's curved ridge needs. Wider (hidden 128) or deeper (4 transforms)
@@ -353,11 +360,13 @@ class AutoFlowGuide(AutoContinuous):
     #: score 0.032), mixture 0.058 / 0.046 / 0.042; funnel 0.054 / 0.044 / -,
     #: eight schools 0.054 / 0.042 / 0.034 (seeds 0-1), logistic regression
     #: 0.038 / 0.034 / -. Through ``fit`` with 32 (``benchmarks/posteriors.py
-    #: --trainer fit``): 0.031, 0.034, 0.040, 0.033 and 0.032. On the five
-    #: targets a step costs 1.04-1.14x as much with 32 particles as with 4
-    #: (``benchmarks/step_time.py --guides autoflow --particles 4,32``): the
-    #: networks are small, so a step is mostly fixed overhead. On a model with
-    #: much data per step, pass ``num_particles`` to ``fit``.
+    #: --trainer fit``): 0.035, 0.035, 0.041, 0.032 and 0.033. A step costs
+    #: 0.99-1.08x as much with 32 particles as with 4 on the four targets of
+    #: D <= 10 and 1.5x on the 25-D logistic regression, where the STL score's
+    #: batched backward grows with particles x D (``benchmarks/step_time.py
+    #: --guides autoflow --particles 4,32``): the networks are small, so a step
+    #: is mostly fixed overhead. On a model with much data per step, pass
+    #: ``num_particles`` to ``fit``.
     default_num_particles = 32
     #: Scales are learned on the log scale: Adam's steps are then relative, so a
     #: posterior 100x wider or narrower than ``init_scale`` is reached quickly.
