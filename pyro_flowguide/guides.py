@@ -184,12 +184,10 @@ def _draw_with_score(
     log_q = base.log_prob(eps) - ladj
     d = u.shape[-1]
     # Direction k < d picks u_k (row k of J); direction d picks log_q.
-    eye = torch.eye(d + 1, d, dtype=u.dtype, device=u.device)
+    eye = torch.eye(d + 1, dtype=u.dtype, device=u.device)
     lead = (1,) * (u.dim() - 1)
-    grad_u = eye.reshape((d + 1,) + lead + (d,)).expand((d + 1,) + u.shape)
-    grad_h = eye.new_zeros(d + 1)
-    grad_h[d] = 1.0
-    grad_h = grad_h.reshape((d + 1,) + lead).expand((d + 1,) + log_q.shape)
+    grad_u = eye[:, :d].reshape((d + 1,) + lead + (d,)).expand((d + 1,) + u.shape)
+    grad_h = eye[:, d].reshape((d + 1,) + lead).expand((d + 1,) + log_q.shape)
     (rows,) = torch.autograd.grad(
         (u, log_q), (eps,), (grad_u, grad_h), retain_graph=True, is_grads_batched=True
     )
