@@ -270,13 +270,18 @@ def _clear_caches(guide: Any) -> Callable[[], None]:
     return lambda: clear_flow_caches(guide)
 
 
-def _train_svi(target: Target, guide: Any, steps: int) -> tuple[list[float], list[float]]:
+def protocol_a_svi(target: Target, guide: Any, steps: int, num_particles: int = _PARTICLES) -> SVI:
+    """Pyro's ``SVI`` with protocol A's optimiser and vectorised ``Trace_ELBO``."""
     elbo = Trace_ELBO(
-        num_particles=_PARTICLES,
+        num_particles=num_particles,
         vectorize_particles=True,
         max_plate_nesting=target.max_plate_nesting,
     )
-    svi = SVI(target.model, guide, protocol_a_optimizer(steps), elbo)
+    return SVI(target.model, guide, protocol_a_optimizer(steps), elbo)
+
+
+def _train_svi(target: Target, guide: Any, steps: int) -> tuple[list[float], list[float]]:
+    svi = protocol_a_svi(target, guide, steps)
     clear = _clear_caches(guide)
     losses, times = [], []
     for _ in range(steps):
@@ -356,21 +361,23 @@ def run_one(
     """
     torch.set_num_threads(1)
     spec = get_target(target)
-    if guide_name == "exact":
-        return _score_exact(spec, seed, steps, trainer, draws)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
     start = time.perf_counter()
-    guide = make_guide(guide_name, spec)
-    if trainer == "svi":
-        losses, times = _train_svi(spec, guide, steps)
-    elif trainer == "fit":
-        losses, times = _train_fit(spec, guide, steps)
+    if guide_name == "exact":
+        scores, losses, times, params = _score_exact(spec, seed, draws), [], [], 0
     else:
-        raise ValueError(f"trainer must be 'svi' or 'fit', got {trainer!r}")
-    pyro.set_rng_seed(10_000 + seed)
-    flat, log_weights = _guide_draws(spec, guide, draws)
-    scores = metrics(flat, spec.reference_draws(), log_weights)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        guide = make_guide(guide_name, spec)
+        if trainer == "svi":
+            losses, times = _train_svi(spec, guide, steps)
+        elif trainer == "fit":
+            losses, times = _train_fit(spec, guide, steps)
+        else:
+            raise ValueError(f"trainer must be 'svi' or 'fit', got {trainer!r}")
+        pyro.set_rng_seed(10_000 + seed)
+        flat, log_weights = _guide_draws(spec, guide, draws)
+        scores = metrics(flat, spec.reference_draws(), log_weights)
+        params = _param_count()
     return {
         "target": target,
         "guide": guide_name,
@@ -379,30 +386,17 @@ def run_one(
         "trainer": trainer,
         **scores,
         "ms_per_step": 1e3 * statistics.median(times) if times else float("nan"),
-        "params": _param_count(),
+        "params": params,
         "final_loss": float(np.mean(losses[-100:])) if losses else float("nan"),
         "wall_s": time.perf_counter() - start,
     }
 
 
-def _score_exact(spec: Target, seed: int, steps: int, trainer: str, draws: int) -> dict[str, Any]:
-    """The noise floor: ``draws`` exact posterior draws scored like a guide's."""
+def _score_exact(spec: Target, seed: int, draws: int) -> dict[str, Any]:
+    """The noise floor: the metrics of ``draws`` exact posterior draws, scored like a guide's."""
     if spec.exact is None:
         raise GuideUnavailable(f"target {spec.name!r} has no exact sampler (its reference is NUTS)")
-    start = time.perf_counter()
-    scores = metrics(spec.exact_draws(draws, seed=10_000 + seed), spec.reference_draws())
-    return {
-        "target": spec.name,
-        "guide": "exact",
-        "seed": seed,
-        "steps": steps,
-        "trainer": trainer,
-        **scores,
-        "ms_per_step": float("nan"),
-        "params": 0,
-        "final_loss": float("nan"),
-        "wall_s": time.perf_counter() - start,
-    }
+    return metrics(spec.exact_draws(draws, seed=10_000 + seed), spec.reference_draws())
 
 
 def run_grid(

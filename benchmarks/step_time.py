@@ -25,21 +25,13 @@ from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.posteriors import _split_specs, make_guide, protocol_a_optimizer  # noqa: E402
+from benchmarks.posteriors import _clear_caches, _split_specs, make_guide, protocol_a_svi  # noqa: E402
 from benchmarks.targets import get_target  # noqa: E402
-from pyro_flowguide.transforms import clear_flow_caches  # noqa: E402
 
 GUIDES = ("zuko_maf", "autoflow", 'autoflow:{"estimator":"reparam"}')
-
-
-def _step(svi: SVI, guide) -> None:
-    svi.step()
-    if isinstance(guide, torch.nn.Module):
-        clear_flow_caches(guide)
 
 
 def compare(
@@ -57,21 +49,22 @@ def compare(
             pyro.clear_param_store()
             pyro.set_rng_seed(0)
             guide = make_guide(spec, target)
-            elbo = Trace_ELBO(num_particles=n, vectorize_particles=True, max_plate_nesting=target.max_plate_nesting)
-            svi = SVI(target.model, guide, protocol_a_optimizer(3000), elbo)
+            svi, clear = protocol_a_svi(target, guide, 3000, num_particles=n), _clear_caches(guide)
             for _ in range(30):
-                _step(svi, guide)
-            runs[spec, n] = (svi, guide, pyro.get_param_store().get_state())
+                svi.step()
+                clear()
+            runs[spec, n] = (svi, clear, pyro.get_param_store().get_state())
     times: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
     for _ in range(blocks):
         for key in runs:
-            svi, guide, state = runs[key]
+            svi, clear, state = runs[key]
             pyro.get_param_store().set_state(state)  # each guide trains on its own parameters
             start = time.perf_counter()
             for _ in range(block_steps):
-                _step(svi, guide)
+                svi.step()
+                clear()
             times[key].append((time.perf_counter() - start) / block_steps * 1e3)
-            runs[key] = (svi, guide, pyro.get_param_store().get_state())
+            runs[key] = (svi, clear, pyro.get_param_store().get_state())
     return {key: statistics.median(t) for key, t in times.items()}
 
 
