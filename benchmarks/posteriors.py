@@ -260,14 +260,28 @@ def protocol_a_optimizer(steps: int) -> ClippedAdam:
 
 
 def _clear_caches(guide: Any) -> Callable[[], None]:
-    """The per-step cache clearing of the package's flows, or a no-op."""
+    """The per-step cache clearing of the package's flows, or a no-op.
+
+    As ``fit``'s ``ClearFlowCaches`` does, the flow transforms are collected
+    once (on the first call, after the first step has built the guide), so
+    the step time does not include a walk over the module tree.
+    """
     if not isinstance(guide, torch.nn.Module):
         return lambda: None
     try:
-        from pyro_flowguide.transforms import clear_flow_caches
+        from pyro_flowguide.transforms import FlowTransform
     except ImportError:
         return lambda: None
-    return lambda: clear_flow_caches(guide)
+    clears: list[Callable[[], None]] = []
+
+    def clear() -> None:
+        if not clears:
+            clears.extend(m.clear_cache for m in guide.modules() if isinstance(m, FlowTransform))
+            clears.append(lambda: None)  # collected, even if the guide holds no flow
+        for c in clears:
+            c()
+
+    return clear
 
 
 def protocol_a_svi(target: Target, guide: Any, steps: int, num_particles: int = _PARTICLES) -> SVI:

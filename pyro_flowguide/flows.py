@@ -61,6 +61,11 @@ class FlowSpec:
         summary: One line for tables and error messages.
         density_refused: Why the family cannot be a density of data
             (``direction="density"``), or ``""`` if it can.
+        packable: Whether the family's modules read their parameters as
+            attributes only, so that a guide may hold them as views of one
+            flat tensor (see ``pyro_flowguide._packed``). NAF, UNAF and CNF
+            are not: their implicit-gradient inverse and their adjoint pass
+            the module's ``parameters()`` to autograd.
     """
 
     name: str
@@ -71,6 +76,7 @@ class FlowSpec:
     support: str = "real"
     summary: str = ""
     density_refused: str = ""
+    packable: bool = True
 
     def make(self, features: int, context: int = 0, **hyper: Any) -> Any:
         """Builds the Zuko flow with the registry defaults overridden by ``hyper``."""
@@ -108,6 +114,7 @@ FLOWS: Mapping[str, FlowSpec] = MappingProxyType(
                 {"transforms": 3, "signal": 16, "hidden_features": _HIDDEN},
                 analytic_inverse=False,
                 summary="neural autoregressive flow (monotonic networks)",
+                packable=False,
             ),
             FlowSpec(
                 "UNAF",
@@ -115,6 +122,7 @@ FLOWS: Mapping[str, FlowSpec] = MappingProxyType(
                 {"transforms": 3, "signal": 16, "hidden_features": _HIDDEN},
                 analytic_inverse=False,
                 summary="unconstrained monotonic neural autoregressive flow",
+                packable=False,
             ),
             FlowSpec(
                 "SOSPF",
@@ -165,6 +173,7 @@ FLOWS: Mapping[str, FlowSpec] = MappingProxyType(
                 fast="both",
                 analytic_inverse=False,
                 summary="continuous normalizing flow (ODE, exact trace)",
+                packable=False,
             ),
         )
     }
