@@ -4,8 +4,9 @@ An amortized guide under a subsampled plate must cost the same per step
 whatever N is: the model sees B rows, the guide encodes B rows. This script
 times SVI steps on the model of issue 7 (``z_i ~ N(0, 1)``, ``x_i ~ N(2 z_i + 1,
 0.5)``) at several N with batch B, with the training set-up of
-:func:`pyro_flowguide.fit` (``Trace_ELBO`` with 4 vectorised particles,
-ClippedAdam), and reports for each N:
+:func:`pyro_flowguide.fit` (``Trace_ELBO`` with the guide's default number of
+vectorised particles, ClippedAdam with its learning-rate schedule), and
+reports for each N:
 
 * the median ms per step (after warm-up), and its ratio to the smallest N;
 * the resident memory (RSS) before the data is made, after set-up, and its
@@ -67,7 +68,8 @@ def time_steps(sizes: list[int], batch: int, steps: int, warmup: int, seed: int 
     # A throw-away run first, so one-time allocations (imports, kernels) land in no row.
     warm = pfg.AutoAmortizedFlowGuide(model, amortized={"z": lambda x, batch_size=None: x}, **guide_kwargs)
     warm._pyro_name = "guide_warm"
-    warm_svi = pyro.infer.SVI(model, warm, default_optim(), default_loss(4, True, 1))
+    particles, final_lr = warm.default_num_particles, warm.default_final_lr  # fit's defaults for it
+    warm_svi = pyro.infer.SVI(model, warm, default_optim(), default_loss(particles, True, 1))
     for _ in range(3):
         warm_svi.step(torch.randn(1000), batch)
     runs = []
@@ -79,7 +81,7 @@ def time_steps(sizes: list[int], batch: int, steps: int, warmup: int, seed: int 
         guide = pfg.AutoAmortizedFlowGuide(model, amortized={"z": lambda x, batch_size=None: x}, **guide_kwargs)
         # One param-store prefix per size, so the guides train side by side.
         guide._pyro_name = f"guide_n{n}"
-        svi = pyro.infer.SVI(model, guide, default_optim(warmup + steps), default_loss(4, True, 1))
+        svi = pyro.infer.SVI(model, guide, default_optim(warmup + steps, final_lr), default_loss(particles, True, 1))
         for _ in range(warmup):
             svi.step(x, batch)
             pfg.transforms.clear_flow_caches(guide)
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     flow = None if args.flow.lower() == "none" else args.flow
     rows = time_steps([int(n) for n in args.sizes.split(",")], args.batch, args.steps, args.warmup, flow=flow)
     base = rows[0]["ms"]
-    print(f"AutoAmortizedFlowGuide(flow={flow!r}), batch {args.batch}, 4 vectorised particles, "
+    particles = pfg.AutoAmortizedFlowGuide.default_num_particles
+    print(f"AutoAmortizedFlowGuide(flow={flow!r}), batch {args.batch}, {particles} vectorised particles, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
     print("| N | ms/step | vs first | RSS data + set-up (MB) | RSS growth over all timed steps (MB) | Pyro randperm(N) ms |")
     print("|---|---|---|---|---|---|")

@@ -84,7 +84,8 @@ __all__ = [
 
 # Protocol A of BASELINES.md: ClippedAdam, lr 1e-2 decayed geometrically to
 # 1e-3 over the run, element-wise clipping at 10, 4 vectorised particles (or
-# the guide's ``default_num_particles``: AutoFlowGuide asks for 32).
+# the guide's ``default_num_particles`` and ``default_final_lr``: AutoFlowGuide
+# asks for 32 particles, AutoAmortizedFlowGuide for 8 and a final lr of 1e-4).
 DEFAULT_STEPS = 3000
 DEFAULT_LR = 1e-2
 DEFAULT_FINAL_LR = 1e-3
@@ -637,9 +638,9 @@ class FitResult:
 # --------------------------------------------------------------------------- defaults
 
 
-def default_optim(steps: int = DEFAULT_STEPS) -> PyroOptim:
-    """``ClippedAdam`` with lr :data:`DEFAULT_LR` decayed geometrically to :data:`DEFAULT_FINAL_LR` over ``steps``."""
-    lrd = (DEFAULT_FINAL_LR / DEFAULT_LR) ** (1.0 / max(int(steps), 1))
+def default_optim(steps: int = DEFAULT_STEPS, final_lr: float = DEFAULT_FINAL_LR) -> PyroOptim:
+    """``ClippedAdam`` with lr :data:`DEFAULT_LR` decayed geometrically to ``final_lr`` over ``steps``."""
+    lrd = (final_lr / DEFAULT_LR) ** (1.0 / max(int(steps), 1))
     return pyro.optim.ClippedAdam({"lr": DEFAULT_LR, "clip_norm": DEFAULT_CLIP_NORM, "lrd": lrd})
 
 
@@ -829,14 +830,15 @@ def fit(
         args, kwargs: Passed to model and guide at every step.
         steps: Total number of steps (a resumed fit counts the steps already done).
         optim: A ``pyro.optim`` optimiser; default :func:`default_optim`
-            (ClippedAdam, lr 1e-2 decayed to 1e-3 over ``steps``, clip 10).
+            (ClippedAdam, lr 1e-2 decayed over ``steps`` to the guide's
+            ``default_final_lr`` if it has one, else 1e-3; clip 10).
         loss: A Pyro ELBO; default ``Trace_ELBO`` with ``num_particles``
             particles. When given, ``num_particles`` and ``vectorize_particles``
             are not used.
         num_particles: Particles per step of the default loss. Default: the
             guide's ``default_num_particles`` if it has one (``AutoFlowGuide``:
-            32, chosen on the benchmark targets), else
-            :data:`DEFAULT_NUM_PARTICLES` (4).
+            32, chosen on the benchmark targets; ``AutoAmortizedFlowGuide``:
+            8), else :data:`DEFAULT_NUM_PARTICLES` (4).
         vectorize_particles: Draw the particles under an outer plate. If the
             model cannot run under one, ``fit`` warns once with the reason and
             uses sequential particles (at most :data:`DEFAULT_NUM_PARTICLES`
@@ -878,7 +880,7 @@ def fit(
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=<path> to resume from")
     if optim is None:
-        optim = default_optim(steps)
+        optim = default_optim(steps, float(getattr(guide, "default_final_lr", DEFAULT_FINAL_LR)))
     elif not isinstance(optim, PyroOptim):
         raise TypeError(
             f"optim must be a pyro.optim optimiser, got {type(optim).__name__}; wrap a torch "

@@ -387,6 +387,23 @@ def test_particle_count_follows_the_guide_unless_given():
     assert result.num_particles == 4 and result.vectorized is False
 
 
+def test_learning_rate_schedule_follows_the_guide_unless_given():
+    class LastLearningRates(pfg.infer.Callback):
+        def on_end(self, state):
+            self.lrs = {g["lr"] for o in state.svi.optim.optim_objs.values() for g in o.param_groups}
+
+    class SlowerGuide(AutoNormal):
+        default_final_lr = 1e-4
+
+    for guide, final in ((AutoNormal(model), pfg.infer.DEFAULT_FINAL_LR), (SlowerGuide(model), 1e-4)):
+        pyro.clear_param_store()
+        seen = LastLearningRates()
+        fit(model, guide, DATA, steps=50, progress=False, callbacks=[seen])
+        assert len(seen.lrs) == 1 and math.isclose(seen.lrs.pop(), final, rel_tol=1e-6)
+    assert pfg.AutoAmortizedFlowGuide.default_final_lr == 1e-4
+    assert pfg.AutoAmortizedFlowGuide.default_num_particles == 8
+
+
 def test_result_plot_and_repr():
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
