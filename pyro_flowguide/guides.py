@@ -39,17 +39,25 @@ the flow; the batched-backward score gives the same gradients to about 1e-6,
 and a rerun of protocol A moved only by rounding and seed noise (mean w1 over
 seeds 0-2: banana 0.047 -> 0.044, mixture 0.058 -> 0.051, funnel 0.054 ->
 0.052, eight schools 0.054 -> 0.050, logistic regression 0.038 -> 0.040, the
-last now with one autoregressive pass per coordinate, as every other target):
+last now with one autoregressive pass per coordinate, as every other target).
+Taking the score through the flow alone, with the affine stage in closed form,
+changed the rounding once more: banana 0.044, funnel 0.056, and the mixture
+0.051 -> 0.085, whose seeds went from 0.050 / 0.047 / 0.055 to 0.026 / 0.086 /
+0.143: with 4 particles, how the two modes share the mass is decided by
+rounding-level differences, so the mixture's w1 at protocol A is a draw, not a
+property of the estimator:
 
 * **Sticking the landing** (``estimator="stl"``) is the largest gain: MAF on
   the banana 0.10-0.51 -> 0.04 (two seeds of the plain gradient disagreed that
   much), funnel 0.084 -> 0.051, mixture 0.052 -> 0.031. It needs the score
   :math:`\nabla_u \log q(u)` of each draw, which the guide gets from one
-  backward pass batched over the latent's coordinates and a small solve, not
-  from inverting the flow (one network pass per coordinate for MAF): a step
-  costs 1.2-1.3x the plain gradient's on the five targets, against 1.5-2.6x
-  when the score came from an inverse pass (``benchmarks/step_time.py``). It
-  is the default up to ``STL_MAX_DIM`` latents.
+  backward pass through the flow batched over the latent's coordinates and a
+  small solve, not from inverting the flow (one network pass per coordinate
+  for MAF): a step costs 1.05-1.4x the plain gradient's on the five targets
+  (D = 2 to 25), against 1.5-2.6x when the score came from an inverse pass
+  (``benchmarks/step_time.py``). With the packed parameter (above) the
+  default guide's step is 0.95-1.1x the hand-written Zuko MAF guide's of the
+  same size. It is the default up to ``STL_MAX_DIM`` latents.
 * **MAF** over NSF and RealNVP: with STL, banana 0.042 vs 0.087 (RealNVP);
   NSF's splines act on [-5, 5] only and cannot shift mass further, which the
   banana's curved ridge needs. Wider (hidden 128) or deeper (4 transforms)
@@ -151,6 +159,15 @@ class _TrilAffine(Transform):
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self.scale.log().sum(-1).expand(x.shape[:-1])
 
+    def inverse_transpose(self, v: Tensor) -> Tensor:
+        r""":math:`(\mathrm{diag}(scale)\, L)^{-\top} v`: maps a score in ``x`` to one in ``y``."""
+        v = v.detach()
+        if self.unit_tril is not None:
+            v = torch.linalg.solve_triangular(
+                self.unit_tril.detach().mT, v.unsqueeze(-1), upper=True, unitriangular=True
+            ).squeeze(-1)
+        return v / self.scale.detach()
+
 
 def _forward_with_ladj(parts: Sequence[Transform], x: Tensor) -> tuple[Tensor, Tensor]:
     total = 0.0
@@ -178,34 +195,44 @@ def _inverse_with_ladj(parts: Sequence[Transform], y: Tensor) -> tuple[Tensor, T
 def _draw_with_score(
     parts: Sequence[Transform], base: dist.Distribution, eps: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""A draw ``u = T(eps)``, its log-density and the score :math:`\nabla_u \log q(u)`.
+    r"""A draw ``u = A(f(eps))``, its log-density and the score :math:`\nabla_u \log q(u)`.
 
+    ``parts`` are the flow's transforms ``f`` followed by the guide's affine
+    stage ``A`` (``u = loc + diag(scale) L y``); ``base`` is the standard normal.
     The score is what sticking the landing needs, and it needs no inverse pass:
-    with :math:`h(\varepsilon) = \log p(\varepsilon) - \log|\det J(\varepsilon)|`
-    and :math:`J = \partial u / \partial \varepsilon`,
-    :math:`\nabla_u \log q(u) = J^{-\top} \nabla_\varepsilon h`. Both ``J`` and
-    :math:`\nabla_\varepsilon h` come from one backward pass through the draw's own
-    graph, batched over the ``D + 1`` output directions; a ``D x D`` solve per
-    draw finishes it. An autoregressive inverse instead takes one network pass
+    with :math:`h(\varepsilon) = \log p(\varepsilon) - \log|\det J_f(\varepsilon)|`
+    and :math:`J_f = \partial y / \partial \varepsilon`, the score in ``y`` is
+    :math:`J_f^{-\top} \nabla_\varepsilon h` and in ``u`` it is
+    :math:`A^{-\top}` times that. ``J_f`` and :math:`\nabla_\varepsilon \log|\det J_f|`
+    come from one backward pass through the flow's part of the draw's graph,
+    batched over the ``D + 1`` output directions; :math:`\nabla_\varepsilon \log
+    p(\varepsilon) = -\varepsilon`, and ``A`` is applied in closed form (a
+    triangular solve), so neither the base density nor the affine stage is in
+    the batched pass. An autoregressive inverse instead takes one network pass
     per coordinate.
     """
+    *flow, affine = parts
     eps = eps.detach().requires_grad_(True)
-    u, ladj = _forward_with_ladj(parts, eps)
-    log_q = base.log_prob(eps) - ladj
-    d = u.shape[-1]
-    # Direction k < d picks u_k (row k of J); direction d picks log_q.
-    eye = _eye(d + 1, u)
-    lead = (1,) * (u.dim() - 1)
-    grad_u = eye[:, :d].reshape((d + 1,) + lead + (d,)).expand((d + 1,) + u.shape)
-    grad_h = eye[:, d].reshape((d + 1,) + lead).expand((d + 1,) + log_q.shape)
-    (rows,) = torch.autograd.grad(
-        (u, log_q), (eps,), (grad_u, grad_h), retain_graph=True, is_grads_batched=True
-    )
-    jac_t = rows[:d].movedim(0, -1)  # J^T: [..., i, k] = d u_k / d eps_i
-    # A singular J (a collapsed scale) gives a non-finite score, hence a
-    # non-finite gradient that fit's guard skips, rather than an exception.
-    score = torch.linalg.solve_ex(jac_t, rows[d].unsqueeze(-1))[0].squeeze(-1)
-    return u, log_q, score
+    y, ladj = _forward_with_ladj(flow, eps)
+    d = eps.shape[-1]
+    if flow:
+        # Direction k < d picks y_k (row k of J_f); direction d picks ladj.
+        eye = _eye(d + 1, eps)
+        lead = (1,) * (eps.dim() - 1)
+        grad_y = eye[:, :d].reshape((d + 1,) + lead + (d,)).expand((d + 1,) + y.shape)
+        grad_l = eye[:, d].reshape((d + 1,) + lead).expand((d + 1,) + ladj.shape)
+        (rows,) = torch.autograd.grad(
+            (y, ladj), (eps,), (grad_y, grad_l), retain_graph=True, is_grads_batched=True
+        )
+        jac_t = rows[:d].movedim(0, -1)  # J_f^T: [..., i, k] = d y_k / d eps_i
+        # A singular J (a collapsed scale) gives a non-finite score, hence a
+        # non-finite gradient that fit's guard skips, rather than an exception.
+        score = torch.linalg.solve_ex(jac_t, (-eps - rows[d]).unsqueeze(-1))[0].squeeze(-1)
+    else:
+        y, score = eps, -eps.detach()
+    u = affine(y)
+    log_q = base.log_prob(eps) - ladj - _event_sum(affine.log_abs_det_jacobian(y, u), affine)
+    return u, log_q, affine.inverse_transpose(score)
 
 
 def _event_sum(ladj: Tensor, t: Transform) -> Tensor:
