@@ -43,9 +43,9 @@ last now with one autoregressive pass per coordinate, as every other target).
 Taking the score through the flow alone, with the affine stage in closed form,
 changed the rounding once more: banana 0.044, funnel 0.056, and the mixture
 0.051 -> 0.085, whose seeds went from 0.050 / 0.047 / 0.055 to 0.026 / 0.086 /
-0.143: with 4 particles, how the two modes share the mass is decided by
-rounding-level differences, so the mixture's w1 at protocol A is a draw, not a
-property of the estimator:
+0.143 (over seeds 0-5: 0.063 before, 0.083 after): with 4 particles, how the
+two modes share the mass is decided by rounding-level differences, so the
+mixture's w1 at protocol A is a draw, not a property of the estimator:
 
 * **Sticking the landing** (``estimator="stl"``) is the largest gain: MAF on
   the banana 0.10-0.51 -> 0.04 (two seeds of the plain gradient disagreed that
