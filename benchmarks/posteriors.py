@@ -269,14 +269,14 @@ def _clear_caches(guide: Any) -> Callable[[], None]:
     if not isinstance(guide, torch.nn.Module):
         return lambda: None
     try:
-        from pyro_flowguide.transforms import FlowTransform
+        from pyro_flowguide.transforms import flow_cache_clearers
     except ImportError:
         return lambda: None
     clears: list[Callable[[], None]] = []
 
     def clear() -> None:
         if not clears:
-            clears.extend(m.clear_cache for m in guide.modules() if isinstance(m, FlowTransform))
+            clears.extend(flow_cache_clearers(guide))
             clears.append(lambda: None)  # collected, even if the guide holds no flow
         for c in clears:
             c()

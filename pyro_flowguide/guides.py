@@ -228,8 +228,8 @@ def _draw_with_score(
         # A singular J (a collapsed scale) gives a non-finite score, hence a
         # non-finite gradient that fit's guard skips, rather than an exception.
         score = torch.linalg.solve_ex(jac_t, (-eps - rows[d]).unsqueeze(-1))[0].squeeze(-1)
-    else:
-        y, score = eps, -eps.detach()
+    else:  # no flow: y is eps
+        score = -eps.detach()
     u = affine(y)
     log_q = base.log_prob(eps) - ladj - _event_sum(affine.log_abs_det_jacobian(y, u), affine)
     return u, log_q, affine.inverse_transpose(score)
@@ -569,10 +569,7 @@ class AutoFlowGuide(AutoContinuous):
     def _bind(self, flat: Tensor, flow: nn.Module) -> dict[str, Tensor]:
         views = self._packing.bind(flat, flow)
         if self._packing.module_slots:
-            # New parameter views: a flow's cached value belongs to the old ones.
-            for part in _parts_of(flow):
-                if hasattr(part, "clear_cache"):
-                    part.clear_cache()
+            _clear_part_caches(flow)  # new parameter views: cached values belong to the old ones
         return views
 
     def _view(self, name: str) -> Tensor | None:
@@ -668,9 +665,7 @@ class AutoFlowGuide(AutoContinuous):
         """Drops cached flow values and the graphs they hold."""
         flow = self._modules.get("flow")
         if flow is not None:
-            for part in _parts_of(flow):
-                if hasattr(part, "clear_cache"):
-                    part.clear_cache()
+            _clear_part_caches(flow)
 
     def _constrained(self, latent: Tensor) -> dict[str, Tensor]:
         """Maps a batch ``(N, D)`` of flat latents to constrained site values ``(N, *shape)``."""
@@ -788,6 +783,12 @@ def _with_feasible_fallback(init_loc_fn: Callable) -> Callable:
             return to_support(torch.zeros(to_support.inverse_shape(site["fn"].shape())))
 
     return init
+
+
+def _clear_part_caches(flow: nn.Module) -> None:
+    for part in _parts_of(flow):
+        if hasattr(part, "clear_cache"):
+            part.clear_cache()
 
 
 def _parts_of(flow: nn.Module) -> list:

@@ -55,7 +55,7 @@ from pyro.optim.optim import _load_state_dict
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
-from .transforms import FlowTransform
+from .transforms import flow_cache_clearers
 
 __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
@@ -218,11 +218,7 @@ class ClearFlowCaches(Callback):
     def on_start(self, state: FitState) -> None:
         module = self.module if self.module is not None else state.guide
         # Collected once (the guide is set up by now) so the hot path is a short loop.
-        self._clears = (
-            [m.clear_cache for m in module.modules() if isinstance(m, FlowTransform)]
-            if isinstance(module, nn.Module)
-            else []
-        )
+        self._clears = flow_cache_clearers(module) if isinstance(module, nn.Module) else []
 
     def on_step(self, state: FitState) -> None:
         for clear in self._clears:

@@ -50,6 +50,7 @@ __all__ = [
     "ConditionalFlowTransform",
     "FlowTransform",
     "clear_flow_caches",
+    "flow_cache_clearers",
     "flow_transform",
     "zero_output_layers",
 ]
@@ -416,8 +417,16 @@ def _spec_of_class(cls: type) -> FlowSpec | None:
         return None
 
 
+def flow_cache_clearers(module: nn.Module) -> list:
+    """The ``clear_cache`` methods of every flow transform inside ``module``.
+
+    Collect them once and call them every step: walking the module tree costs
+    more than clearing at the sizes of typical posteriors.
+    """
+    return [m.clear_cache for m in module.modules() if isinstance(m, _OnePassMixin)]
+
+
 def clear_flow_caches(module: nn.Module) -> None:
     """Calls ``clear_cache()`` on every flow transform inside ``module``."""
-    for m in module.modules():
-        if isinstance(m, _OnePassMixin):
-            m.clear_cache()
+    for clear in flow_cache_clearers(module):
+        clear()
