@@ -3,10 +3,11 @@
 __version__ = "0.1.0"
 
 from . import amortized, flows, guides, transforms
-from . import arviz, density, diagnostics, infer, plots
+from . import arviz, density, diagnostics, elbo, infer, plots
 from .arviz import to_inference_data
 from .density import DensityFit, fit_density
 from .diagnostics import PSISResult, psis_diagnostic
+from .elbo import RenyiDReG_ELBO
 from .infer import (
     Callback,
     Checkpoint,
@@ -37,10 +38,12 @@ __all__ = [
     "NonFiniteLossError",
     "PSISResult",
     "ProgressBar",
+    "RenyiDReG_ELBO",
     "amortized",
     "arviz",
     "density",
     "diagnostics",
+    "elbo",
     "fit",
     "fit_density",
     "infer",

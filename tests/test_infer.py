@@ -401,6 +401,7 @@ def test_learning_rate_schedule_follows_the_guide_unless_given():
         fit(model, guide, DATA, steps=50, progress=False, callbacks=[seen])
         assert len(seen.lrs) == 1 and math.isclose(seen.lrs.pop(), final, rel_tol=1e-6)
     assert pfg.AutoAmortizedFlowGuide.default_final_lr == 1e-4
+    assert pfg.AutoFlowGuide.default_final_lr == 3e-4
     assert pfg.AutoAmortizedFlowGuide.default_num_particles == 8
 
 
