@@ -1,8 +1,9 @@
 r"""What ``pyro_flowguide.fit`` costs over a bare ``svi.step`` loop, and whether its memory stays flat.
 
 Overhead (default): for each target and guide, the same number of steps with
-the same settings (``Trace_ELBO`` with 4 vectorised particles,
-``ClippedAdam(lr=1e-2, clip_norm=10)`` decayed to 1e-3) run three ways, each
+the same settings (4 vectorised particles of the loss ``fit`` picks for the
+guide: ``Trace_ELBO``, or ``AutoFlowGuide.default_loss``'s Rényi bound;
+``ClippedAdam(lr=1e-2, clip_norm=10)`` decayed to the guide's final lr) run three ways, each
 from a fresh param store and the same seed, interleaved over several repeats (the order rotating from one repeat to the next):
 
 * ``bare``: ``svi = SVI(model, guide, optim, loss); for _ in range(steps): svi.step()``
@@ -63,8 +64,13 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
 
 def _bare(model, guide, steps: int, max_plate_nesting: int) -> tuple[float, float]:
     t = _clock()
-    loss = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=max_plate_nesting)
-    svi = SVI(model, guide, default_optim(steps), loss)
+    if callable(getattr(guide, "default_loss", None)):
+        # the loss fit() picks for this guide (AutoFlowGuide: a Rényi bound), set up as fit does
+        guide()
+        loss = guide.default_loss(4, True, max_plate_nesting)
+    else:
+        loss = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=max_plate_nesting)
+    svi = SVI(model, guide, default_optim(steps, getattr(guide, "default_final_lr", 1e-3)), loss)
     for _ in range(steps):
         svi.step()
     return _since(t)
