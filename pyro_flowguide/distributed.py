@@ -94,6 +94,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .elbo import RenyiDReG_ELBO
 from .transforms import clear_flow_caches
 
 __all__ = [
@@ -207,7 +208,8 @@ class SVIModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         elbo = Trace_ELBO() if elbo is None else elbo
-        if not callable(getattr(elbo, "differentiable_loss", None)):
+        # RenyiDReG_ELBO has the method only to refuse: its gradient is not one scalar's.
+        if isinstance(elbo, RenyiDReG_ELBO) or not callable(getattr(elbo, "differentiable_loss", None)):
             raise TypeError(
                 f"{type(elbo).__name__} has no differentiable_loss, so Lightning cannot "
                 "run its backward pass; use Trace_ELBO, TraceMeanField_ELBO or TraceEnum_ELBO"

@@ -15,7 +15,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal
 from pyro.nn import PyroModule
 
-from pyro_flowguide import AutoFlowGuide
+from pyro_flowguide import AutoFlowGuide, RenyiDReG_ELBO
 
 pl = pytest.importorskip("lightning.pytorch", reason="needs the 'distributed' extra (lightning)")
 
@@ -308,3 +308,9 @@ def test_importing_the_package_does_not_import_lightning():
     assert pyro_flowguide.distributed is sys.modules["pyro_flowguide.distributed"]
     code = "import sys, pyro_flowguide; assert 'lightning' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_losses_without_a_differentiable_loss_are_refused_early():
+    model = _Regression(8)
+    with pytest.raises(TypeError, match="RenyiDReG_ELBO has no differentiable_loss.*use Trace_ELBO"):
+        SVIModule(model, AutoFlowGuide(model), RenyiDReG_ELBO(0.5, num_particles=4), num_data=8)
