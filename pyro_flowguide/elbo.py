@@ -38,15 +38,15 @@ vectorised particles, lr 1e-2 decayed to 3e-4): w1 / PSIS k-hat, mean over
 seeds 0-2 of ``benchmarks/posteriors.py --trainer fit`` (2000 exact draws
 score w1 0.032 on the three exact targets):
 
-==================  ===============  ===============  ===============
-target              ELBO, lr -> 1e-3  order 1/2, 1e-3  order 1/2, 3e-4
-==================  ===============  ===============  ===============
-banana              0.030 / 0.40     0.032 / 0.28     0.035 / 0.31
-mixture             0.038 / 0.70     0.049 / 0.40     0.033 / 0.47
-funnel              0.041 / 0.53     0.035 / 0.52     0.036 / 0.58
-eight schools       0.040 / 0.72     0.047 / 0.75     0.040 / 0.60
-logistic regr.      0.033 / 0.21     0.032 / 0.16     0.031 / 0.19
-==================  ===============  ===============  ===============
+==================  ==================  =================  =================
+target              ELBO, lr -> 1e-3    order 1/2, 1e-3    order 1/2, 3e-4
+==================  ==================  =================  =================
+banana              0.030 / 0.40        0.032 / 0.28       0.035 / 0.31
+mixture             0.038 / 0.70        0.049 / 0.40       0.033 / 0.47
+funnel              0.041 / 0.53        0.035 / 0.52       0.036 / 0.58
+eight schools       0.040 / 0.72        0.047 / 0.75       0.040 / 0.60
+logistic regr.      0.033 / 0.21        0.032 / 0.16       0.031 / 0.19
+==================  ==================  =================  =================
 
 (The ELBO column uses sticking the landing, the same particles and schedule.)
 A step costs what the ELBO's does: 0.94-1.06x with 32 particles on the
