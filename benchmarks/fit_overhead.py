@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI
 from pyro.infer.autoguide import AutoNormal
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import pyro_flowguide as pfg  # noqa: E402
 from benchmarks.targets import get_target  # noqa: E402
-from pyro_flowguide.infer import ProgressBar, default_optim, fit  # noqa: E402
+from pyro_flowguide.infer import DEFAULT_FINAL_LR, ProgressBar, default_loss, default_optim, fit  # noqa: E402
 
 GUIDES = {
     "autonormal": lambda model: AutoNormal(model),
@@ -69,8 +69,8 @@ def _bare(model, guide, steps: int, max_plate_nesting: int) -> tuple[float, floa
         guide()
         loss = guide.default_loss(4, True, max_plate_nesting)
     else:
-        loss = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=max_plate_nesting)
-    svi = SVI(model, guide, default_optim(steps, getattr(guide, "default_final_lr", 1e-3)), loss)
+        loss = default_loss(4, True, max_plate_nesting)
+    svi = SVI(model, guide, default_optim(steps, getattr(guide, "default_final_lr", DEFAULT_FINAL_LR)), loss)
     for _ in range(steps):
         svi.step()
     return _since(t)

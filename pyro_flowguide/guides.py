@@ -108,6 +108,7 @@ from ._zuko import zuko
 from ._packed import Packing
 from .elbo import DEFAULT_ALPHA, RenyiDReG_ELBO
 from .flows import FlowSpec, get_flow
+from .infer import default_loss
 from .transforms import _param_tuple, flow_transform
 
 __all__ = [
@@ -461,17 +462,12 @@ class AutoFlowGuide(AutoContinuous):
         (figures in :mod:`pyro_flowguide.elbo`). Otherwise
         ``Trace_ELBO``. Call after the guide is set up (after one call).
         """
-        vectorize = vectorize_particles and num_particles > 1
-        if self.path_derivative_log_density:
-            return RenyiDReG_ELBO(
-                DEFAULT_ALPHA,
-                num_particles=num_particles,
-                vectorize_particles=vectorize,
-                max_plate_nesting=max_plate_nesting,
-            )
-        return Trace_ELBO(
+        if not self.path_derivative_log_density:
+            return default_loss(num_particles, vectorize_particles, max_plate_nesting)
+        return RenyiDReG_ELBO(
+            DEFAULT_ALPHA,
             num_particles=num_particles,
-            vectorize_particles=vectorize,
+            vectorize_particles=vectorize_particles and num_particles > 1,
             max_plate_nesting=max_plate_nesting,
         )
 
