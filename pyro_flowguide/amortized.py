@@ -351,6 +351,9 @@ class AutoAmortizedFlowGuide(AutoGuide):
         init_scale: Initial standard deviation of each unconstrained coordinate.
         global_options: Further keyword arguments for the globals'
             :class:`~pyro_flowguide.AutoFlowGuide` (e.g. ``estimator="stl"``).
+            The globals stay in centred coordinates (``noncentered=False``)
+            unless this says otherwise: non-centred ones would run the whole
+            model, locals included, in every call.
         hyper: Hyper-parameters of the local flows (``transforms``,
             ``hidden_features``, ``bins``, ...).
 
@@ -460,6 +463,9 @@ class AutoAmortizedFlowGuide(AutoGuide):
                 "flow": None if self._flow_arg[0] is None else DEFAULT_FLOW,
                 "init_loc_fn": self._init_loc_fn,
                 "init_scale": self._init_scale,
+                # Non-centred globals would run the model, locals and all, in
+                # every call of the global guide.
+                "noncentered": False,
             }
             options.update(self._global_options)
             self.global_guide = _GlobalFlowGuide(poutine.block(self.model, hide=list(local_names)), **options)

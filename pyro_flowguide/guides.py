@@ -47,6 +47,19 @@ changed the rounding once more: banana 0.044, funnel 0.056, and the mixture
 two modes share the mass is decided by rounding-level differences, so the
 mixture's w1 at protocol A is a draw, not a property of the estimator:
 
+* **Non-centred coordinates** (``noncentered="auto"``) for Normal sites whose
+  prior follows other latents and is not swamped by the data (see
+  :mod:`pyro_flowguide._noncentered`): the flow sees
+  :math:`(z - m) / s`, where hierarchies and funnels are near-Gaussian. On
+  eight schools (centred model) the guide had reached no further than
+  :math:`\log\tau \approx -1.6` at its 1% quantile, against -3.2 for NUTS,
+  whatever its depth, width or loss (PSIS k-hat 0.60-0.79); non-centred,
+  protocol A gives w1 0.053 -> 0.033 and k-hat 0.79 -> 0.35, and the banana
+  and funnel become Gaussian (w1 0.044 -> 0.026, 0.056 -> 0.038). Where the
+  data pin each site (eight schools with standard errors 20x smaller) the
+  centred coordinates are the good ones (k-hat 0.57-0.75 against 0.88), so
+  ``"auto"`` compares the prior's precision with the curvature of the rest
+  of the joint at the initial values.
 * **Sticking the landing** (``estimator="stl"``) is the largest gain: MAF on
   the banana 0.10-0.51 -> 0.04 (two seeds of the plain gradient disagreed that
   much), funnel 0.084 -> 0.051, mixture 0.052 -> 0.031. It needs the score
@@ -89,6 +102,8 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
+from contextlib import ExitStack
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -99,11 +114,13 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.distributions.util import sum_rightmost
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from pyro.distributions import constraints
 from torch.distributions import Transform, biject_to
 
+from ._noncentered import auto_noncentered_sites, normal_of, run_noncentered
 from ._zuko import zuko
 from ._packed import Packing
 from .elbo import DEFAULT_ALPHA, RenyiDReG_ELBO
@@ -366,6 +383,15 @@ class AutoFlowGuide(AutoContinuous):
             measured to help (registry families MAF, NSF, NICE, RealNVP, or no
             flow) when the latent has at most ``STL_MAX_DIM`` coordinates, the
             plain gradient otherwise.
+        noncentered: Latent Normal sites that the flow sees in non-centred
+            coordinates :math:`v = (z - m) / s`, with the model's own location
+            :math:`m` and scale :math:`s` evaluated at the parents just drawn
+            (see :mod:`pyro_flowguide._noncentered`). ``"auto"`` (the default)
+            or ``True``: every latent Normal site whose location or scale
+            depends on another latent site (hierarchies, funnels); ``False``:
+            none; or a list of site names. The sites chosen are in
+            :attr:`noncentered_sites` once the guide is set up. The model is
+            run once per guide call to evaluate :math:`m` and :math:`s`.
         hyper: Further hyper-parameters for the Zuko constructor (e.g. ``bins``).
 
     Example:
@@ -388,8 +414,14 @@ class AutoFlowGuide(AutoContinuous):
         hidden_features: Sequence[int] | None = None,
         transforms: int | None = None,
         estimator: str = "auto",
+        noncentered: bool | str | Sequence[str] = "auto",
         **hyper: Any,
     ) -> None:
+        if isinstance(noncentered, str) and noncentered != "auto":
+            raise ValueError(
+                f"noncentered must be 'auto', True, False or a list of site names, got {noncentered!r}"
+            )
+        self._noncentered_arg = noncentered if isinstance(noncentered, (bool, str)) else tuple(noncentered)
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
         if estimator not in ("auto", "reparam", "stl"):
@@ -417,6 +449,8 @@ class AutoFlowGuide(AutoContinuous):
         super().__init__(model, init_loc_fn=_with_feasible_fallback(init_loc_fn))
 
     _refused_support = None
+    #: The sites given to the flow in non-centred coordinates (set on set-up).
+    noncentered_sites: tuple[str, ...] = ()
     #: Particles per step that :func:`pyro_flowguide.fit` uses by default with
     #: this guide (protocol A uses 4). Mean w1 over seeds 0-2 at 4 / 16 / 32
     #: vectorised particles: banana 0.047 / 0.035 / 0.032 (2000 exact draws
@@ -498,7 +532,10 @@ class AutoFlowGuide(AutoContinuous):
                 "Use an empty guide instead."
             )
         self._arg_shapes = _shapes_of(args, kwargs)
+        self.noncentered_sites = self._choose_noncentered(args, kwargs)
         init = self._init_loc()
+        if self.noncentered_sites:
+            self._check_noncentered(init, args, kwargs)
         dtype, device = init.dtype, init.device
         dim = self.latent_dim
 
@@ -573,6 +610,96 @@ class AutoFlowGuide(AutoContinuous):
                     "init_loc_fn=init_to_value(values={...}) / init_to_feasible."
                 )
 
+    def _choose_noncentered(self, args: tuple, kwargs: dict) -> tuple[str, ...]:
+        choice = self._noncentered_arg
+        if choice is False:
+            return ()
+        if choice is True or choice == "auto":
+            return auto_noncentered_sites(self.model, self.prototype_trace, args, kwargs)
+        latent = dict(self.prototype_trace.iter_stochastic_nodes())
+        for name in choice:
+            if name not in latent:
+                raise GuideSetupError(
+                    f"noncentered names site {name!r}, which is not a latent site of model "
+                    f"{self._model_name!r}; its latent sites are {sorted(latent)}."
+                )
+            if normal_of(latent[name]["fn"]) is None:
+                raise GuideSetupError(
+                    f"noncentered names site {name!r}, a {type(latent[name]['fn']).__name__}; "
+                    "only Normal sites (possibly .to_event / .mask) have non-centred "
+                    "coordinates. Leave it out of the list."
+                )
+        return tuple(name for name in latent if name in choice)
+
+    def _check_noncentered(self, init: Tensor, args: tuple, kwargs: dict) -> None:
+        # The guide's density is right only if the model's location and scale are
+        # functions of this guide's latents: a latent hidden from the guide (a
+        # blocked site, another guide's site) would be drawn from its prior here.
+        self._setup_call = (args, kwargs)
+        runs = []
+        for seed in (0, 1):
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                runs.append(self._centered_latent(init, args, kwargs))
+        if not torch.equal(runs[0], runs[1]):
+            message = (
+                f"model {self._model_name!r}: the location or scale of the non-centred "
+                f"sites {list(self.noncentered_sites)} changed between two runs of the model "
+                "at the same latent values, so they depend on randomness this guide does "
+                "not see (a blocked site, or another guide's site)."
+            )
+            if self._noncentered_arg is True or self._noncentered_arg == "auto":
+                warnings.warn(
+                    message + " Keeping every site centred; pass noncentered=False to say so.",
+                    stacklevel=4,
+                )
+                self.noncentered_sites = ()
+                return
+            raise GuideSetupError(message + " Pass noncentered=False.")
+
+    def _centered_latent(self, latent: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """Maps the guide's coordinates ``(D,)`` or ``(N, D)`` to the flat unconstrained latent."""
+        if not self.noncentered_sites:
+            return latent
+        if not (args or kwargs):
+            args, kwargs = self.__dict__.get("_setup_call", ((), {}))
+        if latent.dim() == 1:
+            return self._centered_rows(latent, args, kwargs)
+        try:
+            return self._centered_rows(latent, args, kwargs)
+        except (ValueError, RuntimeError):
+            # A model that does not broadcast over a batch of draws: one run per draw.
+            return torch.stack([self._centered_rows(row, args, kwargs) for row in latent])
+
+    def _centered_rows(self, latent: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        lead = latent.shape[:-1]
+        if lead:
+            nesting = max((-f.dim for f in self._prototype_frames.values()), default=0)
+            latent = latent.reshape(lead + (1,) * nesting + latent.shape[-1:])
+        pieces = {site["name"]: value for site, value in self._unpack_latent(latent)}
+        values, _ = run_noncentered(self.model, pieces, self.noncentered_sites, args, kwargs)
+        parts = [
+            (values[name] if name in self.noncentered_sites else pieces[name]).reshape(lead + (-1,))
+            for name in pieces
+        ]
+        return torch.cat(parts, dim=-1)
+
+    def _init_loc(self) -> Tensor:
+        latent = super()._init_loc()
+        if not self.noncentered_sites:
+            return latent
+        parts, pos = [], 0
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            size = math.prod(self._unconstrained_shapes[name])
+            part = latent[pos : pos + size]
+            if name in self.noncentered_sites:
+                normal = normal_of(site["fn"])
+                value = site["value"].detach()
+                part = ((value - normal.loc.detach()) / normal.scale.detach()).expand(value.shape)
+            parts.append(part.reshape(-1))
+            pos += size
+        return torch.cat(parts)
+
     def _build_flow(self, dim: int) -> nn.Module:
         (flow,) = self._flow_arg
         if flow is None:
@@ -644,7 +771,10 @@ class AutoFlowGuide(AutoContinuous):
         return None if raw is None else _unit_tril(raw)
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.Distribution:
-        """The posterior over the flat unconstrained latent vector (event shape ``(D,)``).
+        """The posterior over the flat latent vector (event shape ``(D,)``).
+
+        Its coordinates are each site's unconstrained values, non-centred
+        (:math:`(z - m) / s`) for :attr:`noncentered_sites`.
 
         Its ``rsample_and_log_prob`` draws and scores in one pass; ``log_prob``
         of other values inverts the flow.
@@ -681,7 +811,32 @@ class AutoFlowGuide(AutoContinuous):
             self._setup_prototype(*args, **kwargs)
         else:
             self._check_shapes(args, kwargs)
-        return super().forward(*args, **kwargs)
+        if not self.noncentered_sites:
+            return super().forward(*args, **kwargs)
+        # As AutoContinuous.forward, with the values (and, for non-centred
+        # sites, the log-Jacobian -log s) from one run of the model.
+        latent = self.sample_latent(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        pieces = {site["name"]: value for site, value in self._unpack_latent(latent)}
+        values, log_scales = run_noncentered(self.model, pieces, self.noncentered_sites, args, kwargs)
+        masked = poutine.get_mask() is False
+        result = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            value, event_dim = values[name], site["fn"].event_dim
+            if masked:
+                log_density = 0.0
+            elif name in log_scales:
+                log_density = -log_scales[name]
+            else:
+                log_density = biject_to(site["fn"].support).inv.log_abs_det_jacobian(value, pieces[name])
+                log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + event_dim)
+            with ExitStack() as stack:
+                for frame in self._cond_indep_stacks[name]:
+                    stack.enter_context(plates[frame.name])
+                result[name] = pyro.sample(
+                    name, dist.Delta(value, log_density=log_density, event_dim=event_dim)
+                )
+        return result
 
     def _check_shapes(self, args: tuple, kwargs: dict) -> None:
         shapes = _shapes_of(args, kwargs)
@@ -737,7 +892,7 @@ class AutoFlowGuide(AutoContinuous):
         """
         latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
         self.clear_cache()
-        return self._constrained(latent)
+        return self._constrained(self._centered_latent(latent, args, kwargs))
 
     @torch.no_grad()
     def quantiles(
@@ -751,6 +906,7 @@ class AutoFlowGuide(AutoContinuous):
         """
         latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
         self.clear_cache()
+        latent = self._centered_latent(latent, args, kwargs)
         q = torch.as_tensor(quantiles, dtype=latent.dtype, device=latent.device)
         return self._constrained(torch.quantile(latent, q, dim=0))
 
