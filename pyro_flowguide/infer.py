@@ -835,9 +835,9 @@ def fit(
             ``default_final_lr`` if it has one (``AutoFlowGuide``: 3e-4),
             else 1e-3; clip 10).
         loss: A Pyro ELBO. Default: the guide's ``default_loss`` if it has
-            one (``AutoFlowGuide`` with sticking the landing:
-            :class:`~pyro_flowguide.elbo.RenyiDReG_ELBO` of order 1/2, whose
-            losses are minus that bound, not minus the ELBO), else
+            one (``AutoFlowGuide`` with sticking the landing and no
+            non-centred sites: :class:`~pyro_flowguide.elbo.RenyiDReG_ELBO` of
+            order 1/2, whose losses are minus that bound, not minus the ELBO), else
             ``Trace_ELBO``, with ``num_particles`` particles. When given,
             ``num_particles`` and ``vectorize_particles`` are not used.
         num_particles: Particles per step of the default loss. Default: the

@@ -177,6 +177,18 @@ def test_fit_uses_the_renyi_bound_with_stl_flow_guides():
         pyro.clear_param_store()
         pfg.fit(gaussian_model, guide, steps=3, progress=False, callbacks=[_loss_of(seen)])
         assert type(seen[0]) is kind
+
+    # With non-centred sites the STL guide trains on the ELBO.
+    def hierarchy():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("b", dist.Normal(a, a.exp()))
+
+    seen.clear()
+    pyro.clear_param_store()
+    guide = pfg.AutoFlowGuide(hierarchy)
+    pfg.fit(hierarchy, guide, steps=3, progress=False, callbacks=[_loss_of(seen)])
+    assert guide.noncentered_sites == ("b",) and guide.estimator == "stl"
+    assert type(seen[0]) is Trace_ELBO and seen[0].num_particles == 32
     seen.clear()
     pyro.clear_param_store()
     result = pfg.fit(
