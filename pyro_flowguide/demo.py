@@ -69,7 +69,8 @@ def posterior_demo(steps: int = 2000, seed: int = 0, verbose: bool = True) -> di
     """Fits AutoNormal and AutoFlowGuide to the banana and scores both against exact draws.
 
     Returns:
-        For each guide name: ``w1``, ``khat`` and the fitting time ``seconds``.
+        For each guide name: ``w1``, ``khat``, ``ess_fraction``, the first word of
+        the PSIS ``verdict`` and the fitting time ``seconds``.
     """
     exact = _banana_exact(100_000, torch.Generator().manual_seed(12345))
     results = {}
@@ -83,15 +84,21 @@ def posterior_demo(steps: int = 2000, seed: int = 0, verbose: bool = True) -> di
         results[name] = {
             "w1": _w1(draws.detach(), exact),
             "khat": psis.khat,
+            "ess_fraction": psis.ess_fraction,
+            "verdict": psis.verdict.split(":")[0],
             "seconds": fitted.wall_time,
         }
     if verbose:
         print("pyro-flowguide demo 1/2: the banana posterior, z1 ~ N(0, 10), z2 | z1 ~ N(0.03 z1^2 - 3, 1)")
         print(f"  {steps} steps of fit() each; 2,000 draws scored against exact draws")
-        print(f"  {'guide':15s} {'w1 / sd':>8s} {'k-hat':>7s} {'time':>7s}")
+        print(f"  {'guide':15s} {'w1 / sd':>8s} {'k-hat':>7s} {'IS-ESS':>7s} {'time':>7s}  verdict")
         for name, r in results.items():
-            print(f"  {name:15s} {r['w1']:8.3f} {r['khat']:7.2f} {r['seconds']:6.1f}s")
-        print("  (w1: 0.03 is sampling noise with 2,000 exact draws; k-hat < 0.5: trust the guide)")
+            print(
+                f"  {name:15s} {r['w1']:8.3f} {r['khat']:7.2f} {100 * r['ess_fraction']:6.1f}% "
+                f"{r['seconds']:6.1f}s  {r['verdict']}"
+            )
+        print("  (w1: 0.03 is sampling noise with 2,000 exact draws; k-hat < 0.5: trust the guide;")
+        print("   weights that barely vary, IS-ESS near 100%, make k-hat uninformative)")
         print()
     return results
 

@@ -58,7 +58,20 @@ def _pareto_smooth(log_weights: np.ndarray) -> tuple[np.ndarray, float]:
     return np.asarray(smoothed), float(khat)
 
 
-def _verdict(khat: float) -> str:
+#: Below this standard deviation of the log weights, every draw's weight is
+#: within a few per cent of the others and k-hat's tail fit carries no warning.
+FLAT_LOG_WEIGHT_SD = 0.05
+
+
+def _verdict(khat: float, log_weight_sd: float = math.inf) -> str:
+    if log_weight_sd < FLAT_LOG_WEIGHT_SD and not khat < 0.5:
+        # k-hat is scale-free: the top weights of a near-exact guide, all within
+        # a few per cent of each other, can take any tail shape.
+        return (
+            f"good: the weights are nearly equal (log-weight sd {log_weight_sd:.3f}), so the "
+            f"guide matches the posterior where it draws; k-hat ({khat:.2f}) says little "
+            "about weights this flat"
+        )
     if math.isnan(khat) or khat > 0.7:
         return "do not trust: the guide misses important parts of the posterior (k-hat > 0.7)"
     if khat >= 0.5:
@@ -104,8 +117,18 @@ class PSISResult:
 
     @property
     def verdict(self) -> str:
-        """One line: good (k < 0.5), usable (0.5-0.7) or do not trust (> 0.7)."""
-        return _verdict(self.khat)
+        """One line: good (k < 0.5), usable (0.5-0.7) or do not trust (> 0.7).
+
+        Also good, whatever k-hat, when the log weights' standard deviation is
+        below :data:`FLAT_LOG_WEIGHT_SD`: the Pareto fit is scale-free, and a
+        near-exact guide's top weights, all within a few per cent of each other,
+        can take any tail shape (a MAF guide on the banana, log-weight sd 0.005
+        and IS-ESS 100%, scored k-hat 0.41-0.54 on 2000 draws and 0.81 on
+        20,000).
+        """
+        lw = self.log_weights
+        sd = float(lw.std()) if lw.numel() > 1 and bool(torch.isfinite(lw).all()) else math.inf
+        return _verdict(self.khat, sd)
 
     def __repr__(self) -> str:
         return (

@@ -130,9 +130,10 @@ def test_khat_passes_a_flow_guide_on_the_banana():
 
 
 def test_verdicts_and_repr():
-    def make(k):
+    def make(k, spread=1.0):
         z = torch.zeros(4)
-        return PSISResult(k, 3.0, 4, -1.0, 0.1, z, z, z, z)
+        log_weights = spread * torch.tensor([0.0, 1.0, -1.0, 0.5])
+        return PSISResult(k, 3.0, 4, -1.0, 0.1, log_weights, z, z, z)
 
     assert make(0.2).verdict.startswith("good")
     assert make(0.6).verdict.startswith("usable")
@@ -140,6 +141,10 @@ def test_verdicts_and_repr():
     assert make(math.inf).verdict.startswith("do not trust")
     text = repr(make(0.6))
     assert "khat=0.600" in text and "verdict: usable" in text and "75.0%" in text
+    # Weights within a few per cent of each other: k-hat's tail shape is no warning.
+    flat = make(0.9, spread=0.01)
+    assert flat.khat == 0.9 and flat.verdict.startswith("good: the weights are nearly equal")
+    assert make(0.9, spread=0.1).verdict.startswith("do not trust")
 
 
 def test_models_that_cannot_vectorise_are_drawn_one_at_a_time():

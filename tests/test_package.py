@@ -104,7 +104,8 @@ def test_posterior_demo_scores_both_guides_against_exact_draws():
     result = posterior_demo(steps=30, verbose=False)
     assert set(result) == {"AutoNormal", "AutoFlowGuide"}
     for r in result.values():
-        assert set(r) == {"w1", "khat", "seconds"}
+        assert set(r) == {"w1", "khat", "ess_fraction", "verdict", "seconds"}
+        assert 0 < r["ess_fraction"] <= 1 and r["verdict"] in ("good", "usable", "do not trust")
         assert 0 < r["w1"] < 5 and r["khat"] == r["khat"]
 
 
