@@ -422,6 +422,8 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(
                 f"noncentered must be 'auto', True, False or a list of site names, got {noncentered!r}"
             )
+        if noncentered is True:
+            noncentered = "auto"
         self._noncentered_arg = noncentered if isinstance(noncentered, (bool, str)) else tuple(noncentered)
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
@@ -540,6 +542,9 @@ class AutoFlowGuide(AutoContinuous):
             )
         self._arg_shapes = _shapes_of(args, kwargs)
         self.noncentered_sites = self._choose_noncentered(args, kwargs)
+        # Non-centred sites need the model's arguments to map draws to sites;
+        # summaries called without them use these.
+        self._setup_call = (args, kwargs) if self.noncentered_sites else ((), {})
         init = self._init_loc()
         if self.noncentered_sites:
             self._check_noncentered(init, args, kwargs)
@@ -621,7 +626,7 @@ class AutoFlowGuide(AutoContinuous):
         choice = self._noncentered_arg
         if choice is False:
             return ()
-        if choice is True or choice == "auto":
+        if choice == "auto":
             return auto_noncentered_sites(self.model, self.prototype_trace, args, kwargs)
         latent = dict(self.prototype_trace.iter_stochastic_nodes())
         for name in choice:
@@ -642,7 +647,6 @@ class AutoFlowGuide(AutoContinuous):
         # The guide's density is right only if the model's location and scale are
         # functions of this guide's latents: a latent hidden from the guide (a
         # blocked site, another guide's site) would be drawn from its prior here.
-        self._setup_call = (args, kwargs)
         runs = []
         for seed in (0, 1):
             with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -655,7 +659,7 @@ class AutoFlowGuide(AutoContinuous):
                 "at the same latent values, so they depend on randomness this guide does "
                 "not see (a blocked site, or another guide's site)."
             )
-            if self._noncentered_arg is True or self._noncentered_arg == "auto":
+            if self._noncentered_arg == "auto":
                 warnings.warn(
                     message + " Keeping every site centred; pass noncentered=False to say so.",
                     stacklevel=4,
@@ -669,7 +673,7 @@ class AutoFlowGuide(AutoContinuous):
         if not self.noncentered_sites:
             return latent
         if not (args or kwargs):
-            args, kwargs = self.__dict__.get("_setup_call", ((), {}))
+            args, kwargs = self._setup_call
         if latent.dim() == 1:
             return self._centered_rows(latent, args, kwargs)
         try:
@@ -678,12 +682,18 @@ class AutoFlowGuide(AutoContinuous):
             # A model that does not broadcast over a batch of draws: one run per draw.
             return torch.stack([self._centered_rows(row, args, kwargs) for row in latent])
 
+    def _unpack_batch(self, latent: Tensor):
+        """``_unpack_latent`` of ``(D,)`` or ``(N, D)``, a batch going left of every plate."""
+        # Unpacking broadcasts batch dims against plate dims, so the batch goes
+        # to the left of every plate, as a particle plate would put it.
+        if latent.dim() > 1:
+            nesting = max((-f.dim for f in self._prototype_frames.values()), default=0)
+            latent = latent.reshape(latent.shape[:1] + (1,) * nesting + latent.shape[-1:])
+        return self._unpack_latent(latent)
+
     def _centered_rows(self, latent: Tensor, args: tuple, kwargs: dict) -> Tensor:
         lead = latent.shape[:-1]
-        if lead:
-            nesting = max((-f.dim for f in self._prototype_frames.values()), default=0)
-            latent = latent.reshape(lead + (1,) * nesting + latent.shape[-1:])
-        pieces = {site["name"]: value for site, value in self._unpack_latent(latent)}
+        pieces = {site["name"]: value for site, value in self._unpack_batch(latent)}
         values, _ = run_noncentered(self.model, pieces, self.noncentered_sites, args, kwargs)
         parts = [
             (values[name] if name in self.noncentered_sites else pieces[name]).reshape(lead + (-1,))
@@ -878,16 +888,12 @@ class AutoFlowGuide(AutoContinuous):
 
     def _constrained(self, latent: Tensor) -> dict[str, Tensor]:
         """Maps a batch ``(N, D)`` of flat latents to constrained site values ``(N, *shape)``."""
-        # Unpacking broadcasts batch dims against plate dims, so the batch goes
-        # to the left of every plate, as a particle plate would put it.
-        nesting = max((-f.dim for f in self._prototype_frames.values()), default=0)
         n = latent.shape[0]
-        latent = latent.reshape((n,) + (1,) * nesting + latent.shape[-1:])
         return {
             site["name"]: biject_to(site["fn"].support)(value).reshape(
                 (n,) + site["value"].shape
             )
-            for site, value in self._unpack_latent(latent)
+            for site, value in self._unpack_batch(latent)
         }
 
     @torch.no_grad()

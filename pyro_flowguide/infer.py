@@ -85,8 +85,9 @@ __all__ = [
 # Protocol A of BASELINES.md: ClippedAdam, lr 1e-2 decayed geometrically to
 # 1e-3 over the run, element-wise clipping at 10, 4 vectorised particles (or
 # the guide's ``default_num_particles``, ``default_final_lr`` and ``default_loss``:
-# AutoFlowGuide asks for 32 particles, a final lr of 3e-4 and a Rényi bound,
-# AutoAmortizedFlowGuide for 8 particles and a final lr of 1e-4).
+# AutoFlowGuide asks for 32 particles, a final lr of 3e-4 and, when every site
+# is centred, a Rényi bound; AutoAmortizedFlowGuide for 8 particles and a final
+# lr of 1e-4).
 DEFAULT_STEPS = 3000
 DEFAULT_LR = 1e-2
 DEFAULT_FINAL_LR = 1e-3
