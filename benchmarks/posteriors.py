@@ -13,7 +13,8 @@ as JSON after a colon, e.g. ``zuko_nsf:{"transforms": 4}``):
 * ``autonormal``, ``automvn``: Pyro's ``AutoNormal``, ``AutoMultivariateNormal``.
 * ``autoiaf``: ``AutoIAFNormal`` with 3 transforms and one hidden layer of
   ``H = max(64, 4 D)``.
-* ``zuko_<family>`` (``zuko_maf``, ``zuko_nsf``, ...): the hand-written guide of
+* ``zuko_<family>`` (``zuko_maf``, ``zuko_nsf``, ``zuko_splinemaf`` for
+  AutoFlowGuide's default family, ...): the hand-written guide of
   Pyro's "SVI with a normalizing flow guide" tutorial, :class:`ZukoFlowGuide`:
   a Zuko flow of that family over the flat unconstrained latent, inverted so
   that sampling is one pass, 3 transforms, hidden ``(H, H)``. Keyword
@@ -124,7 +125,9 @@ class ZukoFlowGuide:
 
     Arguments:
         model: A Pyro model without subsampled plates.
-        family: A Zuko flow class name (``"MAF"``, ``"NSF"``, ...), any case.
+        family: A Zuko flow class name (``"MAF"``, ``"NSF"``, ...), any case, or
+            ``"SplineMAF"`` (``pyro_flowguide.flows.SplineMAF``: Zuko's NSF and
+            MAF transforms composed, AutoFlowGuide's default family).
         transforms: Number of flow transforms.
         hidden: Hidden width ``H`` (hidden features ``(H, H)``) or a list of
             widths; default ``max(64, 4 D)``.
@@ -149,6 +152,12 @@ class ZukoFlowGuide:
         self.model = model
         self.name = name
         classes = {n.lower(): getattr(zuko.flows, n) for n in dir(zuko.flows) if n[:1].isupper()}
+        try:  # AutoFlowGuide's default: Zuko's NSF and MAF transforms composed
+            from pyro_flowguide.flows import SplineMAF
+
+            classes["splinemaf"] = SplineMAF
+        except ImportError:
+            pass
         if family.lower() not in classes:
             raise ValueError(
                 f"unknown Zuko flow family {family!r}; choose from "

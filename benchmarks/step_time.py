@@ -4,9 +4,10 @@ Each guide is trained for 30 warm-up steps, then all guides are timed in turn,
 in 6 blocks of 50 protocol-A steps, so that a change in machine load hits
 them alike; the table gives the median block per guide and particle count,
 and its ratio to the first guide at the first count. By default that is the
-hand-written Zuko MAF guide (``benchmarks.posteriors.ZukoFlowGuide``: MAF,
-3 transforms, hidden ``(H, H)``, ``H = max(64, 4 D)``, which is also
-AutoFlowGuide's default size) at protocol A's 4 particles.
+hand-written Zuko guide with AutoFlowGuide's default flow and size
+(``benchmarks.posteriors.ZukoFlowGuide`` with ``SplineMAF``: one NSF layer and
+3 MAF layers, hidden ``(H, H)``, ``H = max(64, 4 D)``) at protocol A's 4
+particles; ``--guides zuko_maf,'autoflow:{"flow": "MAF"}'`` compares plain MAF.
 
 Usage::
 
@@ -39,7 +40,7 @@ from benchmarks.posteriors import (  # noqa: E402
 )
 from benchmarks.targets import get_target  # noqa: E402
 
-GUIDES = ("zuko_maf", "autoflow", 'autoflow:{"estimator":"reparam"}')
+GUIDES = ("zuko_splinemaf", "autoflow", 'autoflow:{"estimator":"reparam"}')
 
 
 def compare(
