@@ -43,9 +43,9 @@ last now with one autoregressive pass per coordinate, as every other target).
 Taking the score through the flow alone, with the affine stage in closed form,
 changed the rounding once more: banana 0.044, funnel 0.056, and the mixture
 0.051 -> 0.085, whose seeds went from 0.050 / 0.047 / 0.055 to 0.026 / 0.086 /
-0.143 (over seeds 0-5: 0.063 before, 0.083 after): with 4 particles, how the
-two modes share the mass is decided by rounding-level differences, so the
-mixture's w1 at protocol A is a draw, not a property of the estimator:
+0.143 (over seeds 0-5: 0.063 before, 0.083 after): with 4 particles and affine
+layers only, how the two modes shared the mass was decided by rounding-level
+differences. The spline layer of the default family (below) ended that.
 
 * **Non-centred coordinates** (``noncentered="auto"``) for Normal sites whose
   prior follows other latents and is not swamped by the data (see
@@ -54,8 +54,8 @@ mixture's w1 at protocol A is a draw, not a property of the estimator:
   eight schools (centred model) the guide had reached no further than
   :math:`\log\tau \approx -1.6` at its 1% quantile, against -3.2 for NUTS,
   whatever its depth, width or loss (PSIS k-hat 0.60-0.79); non-centred,
-  protocol A gives w1 0.053 -> 0.033 and k-hat 0.79 -> 0.35, and the banana
-  and funnel become Gaussian (w1 0.044 -> 0.026, 0.056 -> 0.038). Where the
+  protocol A with plain MAF gives w1 0.053 -> 0.033 and k-hat 0.79 -> 0.35,
+  and the banana and funnel become Gaussian (w1 0.044 -> 0.026, 0.056 -> 0.038). Where the
   data pin each site (eight schools with standard errors 20x smaller) the
   centred coordinates are the good ones (k-hat 0.57-0.75 against 0.88), so
   ``"auto"`` compares the prior's precision with the curvature of the rest
@@ -68,13 +68,41 @@ mixture's w1 at protocol A is a draw, not a property of the estimator:
   small solve, not from inverting the flow (one network pass per coordinate
   for MAF): a step costs 1.05-1.4x the plain gradient's on the five targets
   (D = 2 to 25), against 1.5-2.6x when the score came from an inverse pass
-  (``benchmarks/step_time.py``). With the packed parameter (above) the
-  default guide's step is 0.95-1.1x the hand-written Zuko MAF guide's of the
-  same size. It is the default up to ``STL_MAX_DIM`` latents.
-* **MAF** over NSF and RealNVP: with STL, banana 0.042 vs 0.087 (RealNVP);
-  NSF's splines act on [-5, 5] only and cannot shift mass further, which the
-  banana's curved ridge needs. Wider (hidden 128) or deeper (4 transforms)
-  MAFs did worse on the banana too (0.062 over seeds 0-2, 0.081 over 0-1).
+  (``benchmarks/step_time.py``). With the packed parameter (above) a MAF
+  guide's step is 0.95-1.1x the hand-written Zuko MAF guide's of the same
+  size. The default family's spline layer makes STL dearer: Zuko's spline
+  runs about 200 small operations per call (2 ms against MAF's 0.65 ms for a
+  2-D layer of 4 draws), and the batched backward goes through each of them,
+  so the default guide's step is 1.14-1.31x the hand-written Zuko guide's with
+  the same flow (0.86-0.98x with ``estimator="reparam"``). It is the default
+  up to ``STL_MAX_DIM`` latents.
+* **One spline layer, then three affine MAF layers**
+  (:class:`~pyro_flowguide.flows.SplineMAF`, the default family). Affine
+  layers can only approximate two modes, so sticking the landing's gradient
+  never vanishes on a mixture: plain MAF's mixture w1 was 0.026 / 0.086 /
+  0.143 on seeds 0-2, k-hat 0.38. A monotonic spline acting on the base noise
+  splits it into modes itself: 0.030 / 0.036 / 0.026 (0.022-0.033 on seeds
+  3-5), k-hat -0.01, IS-ESS 99%. In the set-up of
+  ``tests/test_guide_accuracy.py`` (seeds 0-3) KL(q || p) went from
+  0.031-0.062 to 0.003-0.006; each mode's share of the mass still varies with
+  the seed (0.47-0.53; MAF 0.45-0.53). Elsewhere it costs little: w1 banana
+  0.026 -> 0.027, funnel 0.038 -> 0.037, logistic regression 0.041 -> 0.041; the
+  banana's k-hat went 0.23 -> 0.44, but its weights are flat either way
+  (IS-ESS 100%, where k-hat's tail fit means nothing). Eight schools is the
+  one target where it did worse: w1 0.034 -> 0.040 and k-hat 0.41 -> 0.51
+  (seeds 0-5). Through :func:`~pyro_flowguide.fit` (32 particles) it did not
+  (eight schools 0.033 / 0.35 -> 0.032 / 0.35; mixture 0.033 / 0.47 -> 0.028 /
+  0.27; banana k-hat 0.29 -> 0.08). The spline first rather than last: mixture
+  0.031 vs 0.034, banana k-hat 0.44 vs 0.56; element-wise splines instead of
+  an autoregressive one left the mixture at 0.08; 4 bins or hidden (32, 32) in
+  the spline made eight schools worse (k-hat 0.61, 0.60). Before the
+  non-centred coordinates below, a spline layer had cost the banana its curved
+  tail (0.047 -> 0.065), since the splines act on [-5, 5] only; non-centred,
+  the banana reaches the flow as a Gaussian.
+* **MAF's affine layers** over RealNVP's: with STL, banana 0.042 vs 0.087
+  (RealNVP), and NSF alone cannot shift mass beyond its splines' [-5, 5].
+  Wider (hidden 128) or deeper (4 transforms) MAFs did worse on the banana
+  too (0.062 over seeds 0-2, 0.081 over 0-1).
 * **Log-scale affine stage starting at ``init_scale=1``**: Adam's steps on a
   log-scale are relative, so a posterior ten times wider or narrower than the
   start is reached in a few hundred steps (banana z1 has sd 10).
@@ -82,11 +110,9 @@ mixture's w1 at protocol A is a draw, not a property of the estimator:
   target worse (banana 0.25, funnel 0.13 over seeds 0-1); with learnable
   degrees of freedom started at 30, training raised them to 30-50 (it wants
   Gaussian tails) and changed nothing measurable, at twice the step time.
-* **No spline layer.** One NSF layer before or after the three MAF layers
-  helps the mixture on some seeds (0.092 -> 0.030 on seed 1) but costs the
-  banana its curved tail (0.047 -> 0.065 before, 0.143 after) and costs 1.8x
-  the step time. Averaging the iterates of the last third of training made the
-  banana worse too (0.095): the networks do not stay in one basin.
+* **No iterate averaging.** Averaging the iterates of the last third of
+  training made the banana worse (0.095): the networks do not stay in one
+  basin.
 * **More particles** are the cheapest gain left; see
   :attr:`AutoFlowGuide.default_num_particles`, the count that
   :func:`pyro_flowguide.fit` uses.
@@ -137,7 +163,7 @@ __all__ = [
 ]
 
 #: The family used when ``flow`` is not given; chosen on the benchmark targets.
-DEFAULT_FLOW = "MAF"
+DEFAULT_FLOW = "SplineMAF"
 
 #: Largest latent size for which ``estimator="auto"`` picks sticking the landing.
 STL_MAX_DIM = 64
@@ -381,9 +407,9 @@ class AutoFlowGuide(AutoContinuous):
             not, and costs one extra backward pass batched over the latent's
             coordinates), ``"reparam"`` (the plain reparameterisation
             gradient), or ``"auto"`` (the default): STL for the families it was
-            measured to help (registry families MAF, NSF, NICE, RealNVP, or no
-            flow) when the latent has at most ``STL_MAX_DIM`` coordinates, the
-            plain gradient otherwise.
+            measured to help (registry families SplineMAF, MAF, NSF, NICE,
+            RealNVP, or no flow) when the latent has at most ``STL_MAX_DIM``
+            coordinates, the plain gradient otherwise.
         noncentered: Latent Normal sites that the flow sees in non-centred
             coordinates :math:`v = (z - m) / s`, with the model's own location
             :math:`m` and scale :math:`s` evaluated at the parents just drawn

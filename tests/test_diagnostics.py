@@ -11,7 +11,7 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
 
 import pyro_flowguide as pfg
-from pyro_flowguide.diagnostics import PSISResult, psis_diagnostic
+from pyro_flowguide.diagnostics import FLAT_LOG_WEIGHT_SD, PSISResult, psis_diagnostic
 from pyro_flowguide.infer import fit
 
 torch.set_num_threads(1)
@@ -119,14 +119,30 @@ def test_khat_flags_a_mean_field_guide_on_the_banana():
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(pfg, "AutoFlowGuide"), reason="AutoFlowGuide not available")
 def test_khat_passes_a_flow_guide_on_the_banana():
+    # k-hat needs weights with a tail to fit: the centred flow guide's log weights
+    # vary by 0.05-0.09, and its k-hat was 0.13-0.31 over three draw seeds.
+    centred = pfg.AutoFlowGuide(banana, noncentered=False)
+    fit(banana, centred, steps=3000, progress=False, seed=0)
+    pyro.set_rng_seed(0)
+    result = psis_diagnostic(banana, centred, num_samples=20_000)  # as many as AutoNormal's
+    assert result.khat < 0.5, result
+    assert result.verdict.startswith("good")
+
+
+@pytest.mark.slow
+def test_the_default_guide_on_the_banana_has_nearly_equal_weights():
+    # The default guide sees the banana in non-centred coordinates, where it is a
+    # Gaussian, and is exact to rounding: log weights that vary by about 0.004
+    # (IS-ESS 100%). A Pareto fit is scale-free and says nothing about weights
+    # that flat (k-hat 0.75-0.96 over three draw seeds), so the verdict is good
+    # whatever k-hat is (it calls the weights nearly equal).
     guide = pfg.AutoFlowGuide(banana)
     fit(banana, guide, steps=3000, progress=False, seed=0)
     pyro.set_rng_seed(0)
-    # As many draws as the AutoNormal case. With fit's default 32 particles k-hat is
-    # 0.23-0.26 over four draw seeds (training seed 1: 0.47-0.61); with 4 particles
-    # it was 0.70: the guide's z1 tails were lighter than N(0, 10).
     result = psis_diagnostic(banana, guide, num_samples=20_000)
-    assert result.khat < 0.5, result
+    assert result.log_weights.std() < FLAT_LOG_WEIGHT_SD / 5, result
+    assert result.ess_fraction > 0.999, result
+    assert result.verdict.startswith("good"), result.verdict
 
 
 def test_verdicts_and_repr():
