@@ -45,7 +45,8 @@ changed the rounding once more: banana 0.044, funnel 0.056, and the mixture
 0.051 -> 0.085, whose seeds went from 0.050 / 0.047 / 0.055 to 0.026 / 0.086 /
 0.143 (over seeds 0-5: 0.063 before, 0.083 after): with 4 particles and affine
 layers only, how the two modes shared the mass was decided by rounding-level
-differences. The spline layer of the default family (below) ended that.
+differences. The default family's spline layer (below) fits both modes; their
+shares of the mass still vary a little with the seed.
 
 * **Non-centred coordinates** (``noncentered="auto"``) for Normal sites whose
   prior follows other latents and is not swamped by the data (see
