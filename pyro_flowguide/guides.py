@@ -154,7 +154,8 @@ from ._packed import Packing
 from .elbo import DEFAULT_ALPHA, RenyiDReG_ELBO
 from .flows import FlowSpec, get_flow
 from .infer import default_loss
-from .transforms import _param_tuple, flow_transform
+from ._made_score import draw_and_score, made_layers
+from .transforms import FlowTransform, _param_tuple, _versions, flow_transform
 
 __all__ = [
     "AutoFlowGuide",
@@ -256,14 +257,31 @@ def _draw_with_score(
     with :math:`h(\varepsilon) = \log p(\varepsilon) - \log|\det J_f(\varepsilon)|`
     and :math:`J_f = \partial y / \partial \varepsilon`, the score in ``y`` is
     :math:`J_f^{-\top} \nabla_\varepsilon h` and in ``u`` it is
-    :math:`A^{-\top}` times that. ``J_f`` and :math:`\nabla_\varepsilon \log|\det J_f|`
-    come from one backward pass through the flow's part of the draw's graph,
-    batched over the ``D + 1`` output directions; :math:`\nabla_\varepsilon \log
-    p(\varepsilon) = -\varepsilon`, and ``A`` is applied in closed form (a
-    triangular solve), so neither the base density nor the affine stage is in
-    the batched pass. An autoregressive inverse instead takes one network pass
-    per coordinate.
+    :math:`A^{-\top}` times that. :math:`\nabla_\varepsilon \log p(\varepsilon) =
+    -\varepsilon`, and ``A`` is applied in closed form (a triangular solve). For
+    a flow of Zuko's masked autoregressive layers (MAF, NSF, SplineMAF) the
+    layers' Jacobians and log-determinant gradients are written out as well
+    (:mod:`pyro_flowguide._made_score`); for any other flow ``J_f`` and
+    :math:`\nabla_\varepsilon \log|\det J_f|` come from one backward pass
+    through the flow's part of the draw's graph, batched over the ``D + 1``
+    output directions (:func:`_draw_with_batched_score`). An autoregressive
+    inverse instead takes one network pass per coordinate.
     """
+    *flow, affine = parts
+    layers = _made_layers(flow)
+    if layers is not None:  # Zuko's masked autoregressive layers: the score in closed form
+        y, ladj, score = draw_and_score(layers, eps)
+        flow[0]._cache = (eps, y, ladj, _versions(flow[0]._params()))
+        u = affine(y)
+        log_q = base.log_prob(eps) - ladj - _event_sum(affine.log_abs_det_jacobian(y, u), affine)
+        return u, log_q, affine.inverse_transpose(score)
+    return _draw_with_batched_score(parts, base, eps)
+
+
+def _draw_with_batched_score(
+    parts: Sequence[Transform], base: dist.Distribution, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_draw_with_score` for any flow: ``J_f`` from autograd, batched over directions."""
     *flow, affine = parts
     eps = eps.detach().requires_grad_(True)
     y, ladj = _forward_with_ladj(flow, eps)
@@ -286,6 +304,17 @@ def _draw_with_score(
     u = affine(y)
     log_q = base.log_prob(eps) - ladj - _event_sum(affine.log_abs_det_jacobian(y, u), affine)
     return u, log_q, affine.inverse_transpose(score)
+
+
+def _made_layers(flow: Sequence[Transform]) -> tuple | None:
+    """The layers of a flow whose score :mod:`pyro_flowguide._made_score` writes out, or None."""
+    if len(flow) != 1 or type(flow[0]) is not FlowTransform or flow[0].direction != "sample":
+        return None
+    t = flow[0]
+    hit = t.__dict__.get("_made_layers")
+    if hit is None or hit[0] is not t.lazy:  # checked once per flow (and per copy of it)
+        hit = t.__dict__["_made_layers"] = (t.lazy, made_layers(t.lazy))
+    return hit[1]
 
 
 def _event_sum(ladj: Tensor, t: Transform) -> Tensor:
