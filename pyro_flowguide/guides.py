@@ -46,7 +46,14 @@ changed the rounding once more: banana 0.044, funnel 0.056, and the mixture
 0.143 (over seeds 0-5: 0.063 before, 0.083 after): with 4 particles and affine
 layers only, how the two modes shared the mass was decided by rounding-level
 differences. The default family's spline layer (below) fits both modes; their
-shares of the mass still vary a little with the seed.
+shares of the mass still vary with the seed and with rounding. The
+closed-form score (below) changed rounding again: the mixture's seeds 0-5
+went from 0.030 / 0.036 / 0.026 / 0.022 / 0.033 / 0.027 to 0.037 / 0.100 /
+0.021 / 0.030 / 0.055 / 0.025, so about one run in six still settles on
+uneven shares under protocol A (through :func:`~pyro_flowguide.fit`, 32
+particles: 0.019 / 0.034 / 0.022); eight schools went 0.046 / 0.52 -> 0.045 /
+0.48 (k-hat 0.57 / 0.47 / 0.40), and the banana, the funnel and the logistic
+regression did not move (0.027, 0.037, 0.041).
 
 * **Non-centred coordinates** (``noncentered="auto"``) for Normal sites whose
   prior follows other latents and is not swamped by the data (see
@@ -71,19 +78,27 @@ shares of the mass still vary a little with the seed.
   (D = 2 to 25), against 1.5-2.6x when the score came from an inverse pass
   (``benchmarks/step_time.py``). With the packed parameter (above) a MAF
   guide's step is 0.95-1.1x the hand-written Zuko MAF guide's of the same
-  size. The default family's spline layer makes STL dearer: Zuko's spline
-  runs about 200 small operations per call (2 ms against MAF's 0.65 ms for a
-  2-D layer of 4 draws), and the batched backward goes through each of them,
-  so the default guide's step is 1.14-1.31x the hand-written Zuko guide's with
-  the same flow (0.86-0.98x with ``estimator="reparam"``). It is the default
-  up to ``STL_MAX_DIM`` latents.
+  size. The default family's spline layer made that backward pass dearer:
+  Zuko's spline runs about 200 small operations per call (2 ms against MAF's
+  0.65 ms for a 2-D layer of 4 draws), and the batched backward went through
+  each of them, so the default guide's step was 1.14-1.31x the hand-written
+  Zuko guide's with the same flow. For Zuko's masked autoregressive layers
+  (SplineMAF, MAF, NSF) the score is now written out instead
+  (:mod:`pyro_flowguide._made_score`): a layer's Jacobian is its network's
+  masked weights times the element-wise derivatives of the affine or spline
+  map, with no pass through autograd, and it agrees with the batched
+  backward to rounding (relative 1e-6 in float32 over 3000 steps of the
+  mixture). The default guide's step is then 0.99-1.09x the hand-written
+  guide's on the five targets (12 interleaved blocks; 0.86-1.00x with
+  ``estimator="reparam"``). It is the default up to ``STL_MAX_DIM`` latents.
 * **One spline layer, then three affine MAF layers**
   (:class:`~pyro_flowguide.flows.SplineMAF`, the default family). Affine
   layers can only approximate two modes, so sticking the landing's gradient
   never vanishes on a mixture: plain MAF's mixture w1 was 0.026 / 0.086 /
   0.143 on seeds 0-2, k-hat 0.38. A monotonic spline acting on the base noise
   splits it into modes itself: 0.030 / 0.036 / 0.026 (0.022-0.033 on seeds
-  3-5), k-hat -0.01, IS-ESS 99%. In the set-up of
+  3-5; with the batched-backward score, see above for the closed-form one),
+  k-hat -0.01, IS-ESS 99%. In the set-up of
   ``tests/test_guide_accuracy.py`` (seeds 0-3) KL(q || p) went from
   0.031-0.062 to 0.003-0.006; each mode's share of the mass still varies with
   the seed (0.47-0.53; MAF 0.45-0.53). Elsewhere it costs little: w1 banana
@@ -520,7 +535,8 @@ class AutoFlowGuide(AutoContinuous):
     #: 0.033, 0.036, 0.040 and 0.031. A step costs
     #: 0.99-1.08x as much with 32 particles as with 4 on the four targets of
     #: D <= 10 and 1.5x on the 25-D logistic regression, where the STL score's
-    #: batched backward grows with particles x D (``benchmarks/step_time.py
+    #: batched backward grew with particles x D (1.4x with the closed-form
+    #: score, whose per-draw Jacobians and solves grow too; ``benchmarks/step_time.py
     #: --guides autoflow --particles 4,32``): the networks are small, so a step
     #: is mostly fixed overhead. On a model with much data per step, pass
     #: ``num_particles`` to ``fit``.
@@ -619,9 +635,10 @@ class AutoFlowGuide(AutoContinuous):
         if full and dim > 1:
             named.append(("scale_tril", torch.eye(dim, dtype=dtype, device=device)))
         if self.estimator == "auto":
-            # The STL score costs a backward pass batched over the latent's
-            # coordinates and a D x D solve per draw, so it is worth it only
-            # while the latent is small.
+            # The STL score costs a D x D solve per draw and layer (and, for
+            # flows other than Zuko's masked autoregressive ones, a backward
+            # pass batched over the latent's coordinates), so it is worth it
+            # only while the latent is small.
             stl = _stl_by_default(self._flow_arg[0]) and dim <= STL_MAX_DIM
             self.estimator = "stl" if stl else "reparam"
         flow = self._build_flow(dim).to(dtype=dtype, device=device)
