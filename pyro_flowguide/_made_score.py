@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._zuko import zuko
+from .flows import ScaledSpline
 
 __all__ = ["draw_and_score", "made_layers"]
 
@@ -70,10 +71,13 @@ def _univariate_kind(layer: nn.Module) -> tuple[str, dict] | None:
     shapes = [tuple(s) for s in layer.shapes]
     if uni is _Affine and shapes == [(), ()] and set(keywords) <= {"slope"}:
         return "affine", {**_defaults(_Affine), **keywords}
+    scale = 1.0
+    if type(uni) is ScaledSpline:  # SplineMAF's spline of scaled raw parameters
+        uni, scale, keywords = _RQS, uni.scale, {"slope": uni.slope}
     if uni is _RQS and set(keywords) <= {"slope", "bound"} and len(shapes) == 3:
         (k1,), (k2,), (k3,) = shapes if all(len(s) == 1 for s in shapes) else ((0,), (0,), (0,))
         if k1 == k2 and k3 == k1 - 1 and k1 >= 2:
-            return "rqs", {**_defaults(_RQS), **keywords}
+            return "rqs", {**_defaults(_RQS), **keywords, "scale": scale}
     return None
 
 
@@ -226,7 +230,10 @@ def _affine_pieces(slope: float, keeps: list, d: int) -> list[tuple[Tensor, Tens
 def _rqs_pieces(const: dict, x: Tensor, phi: Tensor, t, nets: list, d: int) -> tuple[Tensor, Tensor]:
     keep = (x, phi, t, nets)
     p = phi.shape[-1]
-    tx, tp, lx, lp = _rqs_derivatives(t, _flat(x, d), phi.reshape(-1, d, p), const)
+    # The spline reads scale * phi: derivatives in its raw parameters, times scale.
+    scale = const["scale"]
+    tx, tp, lx, lp = _rqs_derivatives(t, _flat(x, d), scale * phi.reshape(-1, d, p), const)
+    tp, lp = scale * tp, scale * lp
     w_out = nets[-1][1]  # (D P, H)
     rows = (tp.transpose(0, 1) @ w_out.view(d, p, -1)).transpose(0, 1)  # (N, D, H), batched over i
     lrow = (lp.reshape(-1, d * p) @ w_out).view(1, -1, 1, w_out.shape[-1])

@@ -86,6 +86,7 @@ def test_default_flow_fits_two_modes():
     # approximate two modes, KL 0.031-0.062 and IS-ESS 79-94% (0.031 and 94% at
     # this seed). How the modes share the mass still varies with the seed
     # (0.47-0.53 against 1/2; MAF 0.45-0.53), so that is checked loosely.
+    # (Those figures predate the closed-form score.)
     torch.set_num_threads(1)
     pyro.clear_param_store()
     pyro.set_rng_seed(0)

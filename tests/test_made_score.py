@@ -134,3 +134,36 @@ def test_stl_gradients_are_those_of_the_general_route(monkeypatch):
     assert closed.keys() == general.keys()
     for name in closed:
         torch.testing.assert_close(closed[name], general[name], rtol=1e-9, atol=1e-12)
+
+
+def test_a_scaled_spline_is_zukos_spline_of_scaled_parameters():
+    from pyro_flowguide.flows import ScaledSpline, SplineMAF
+
+    guide = _guide("SplineMAF", 3, spline_scale=0.3)
+    parts, base = guide.get_transform(), guide.get_base_dist()
+    (spline, *_) = parts[0].lazy.transforms
+    assert isinstance(spline.univariate, ScaledSpline) and spline.univariate.scale == 0.3
+    assert not isinstance(SplineMAF(3).transform.transforms[0].univariate, ScaledSpline)
+    raw = [torch.randn(4, 2, n, dtype=torch.float64) for n in (8, 8, 7)]
+    x = 3 * torch.randn(4, 2, dtype=torch.float64)
+    y, ladj = ScaledSpline(0.3)(*raw).call_and_ladj(x)
+    y_ref, ladj_ref = zuko.transforms.MonotonicRQSTransform(*(0.3 * r for r in raw)).call_and_ladj(x)
+    assert torch.equal(y, y_ref) and torch.equal(ladj, ladj_ref)
+    # The closed-form score knows the scale.
+    _perturb(parts[0].lazy)
+    eps = 3.0 * base.sample((6,))
+    score = guides._draw_with_score(parts, base, eps)[2]
+    torch.testing.assert_close(score, guides._draw_with_batched_score(parts, base, eps)[2])
+    with pytest.raises(ValueError, match="spline_scale must be a positive number"):
+        SplineMAF(2, spline_scale=0.0)
+
+
+def test_a_guide_just_called_for_training_can_be_deep_copied():
+    import copy
+
+    guide = _guide("SplineMAF", 3)  # called with grad enabled: views and caches hold a graph
+    other = copy.deepcopy(guide)
+    pyro.set_rng_seed(3)
+    a = guide.sample_posterior(5)["z"]
+    pyro.set_rng_seed(3)
+    assert torch.equal(a, other.sample_posterior(5)["z"])
