@@ -107,11 +107,12 @@ class SplineMAF(zuko.flows.Flow):
     is the same family at any scale, but Adam moves each weight by about its
     learning rate per step whatever the gradient's size, so the scale is the
     spline's learning rate relative to the MAF layers'. As a guide under the
-    benchmark's protocol A (4 particles), 0.3 steadied how a two-mode
-    mixture's mass is shared (w1 over seeds 0-5: 0.045 at 1, 0.031 at 0.3,
-    the latter measured with autograd's STL score; worst seed 0.100 against
-    0.041) but raised eight schools' k-hat (mean over seeds 0-2: 0.48 at 1,
-    0.61 at 0.3, 0.58 at 0.1), so the default stays 1.
+    benchmark's protocol A (4 particles), 0.3 made how a two-mode mixture's
+    mass is shared steadier but not settled (w1 over seeds 0-2: 0.053 at 1,
+    0.041 at 0.3, worst seed 0.100 against 0.058; with autograd's STL score,
+    which rounds differently, 0.031 over seeds 0-5) and raised eight schools'
+    k-hat (mean over seeds 0-2: 0.48 at 1, 0.61 at 0.3, 0.58 at 0.1), so the
+    default stays 1.
 
     Arguments:
         features: The number of features.
