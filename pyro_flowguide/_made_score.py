@@ -8,7 +8,7 @@ Sticking the landing needs, for each draw :math:`y = f(\varepsilon)`, the score
           s_l = J_l^{-\top}\bigl(s_{l-1} - \nabla_{x_{l-1}} \log|\det J_l|\bigr),
 
 with :math:`J_l = \partial x_l / \partial x_{l-1}`. The general route
-(``guides._draw_with_score``) gets every :math:`J_l` from one backward pass
+(``guides._draw_with_batched_score``) gets every :math:`J_l` from one backward pass
 batched over the :math:`D + 1` output directions, which at the sizes of
 typical posteriors costs more than the draw itself: each of the flow's small
 operations is run again under ``vmap``.
