@@ -965,12 +965,13 @@ class AutoFlowGuide(AutoContinuous):
     def __getstate__(self) -> dict:
         # After a training call the flow holds views of the packed parameter
         # and cached values that carry a graph, which copy.deepcopy and pickle
-        # refuse. Both are rebuilt on the next use, so they are dropped here.
+        # refuse. Both are rebuilt on the next use, so they are dropped here;
+        # Pyro's own state (it drops the link to the model) follows.
         self.clear_cache()
         flow = self._modules.get("flow")
         if flow is not None and getattr(self, "_packing", None) is not None:
             self._packing.unbind(flow)
-        return self.__dict__.copy()
+        return super().__getstate__()
 
     def _constrained(self, latent: Tensor) -> dict[str, Tensor]:
         """Maps a batch ``(N, D)`` of flat latents to constrained site values ``(N, *shape)``."""
