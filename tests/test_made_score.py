@@ -158,12 +158,13 @@ def test_a_scaled_spline_is_zukos_spline_of_scaled_parameters():
         SplineMAF(2, spline_scale=0.0)
 
 
-def test_a_guide_just_called_for_training_can_be_deep_copied():
+def test_a_guide_just_called_for_training_can_be_copied_and_pickled():
     import copy
+    import pickle
 
     guide = _guide("SplineMAF", 3)  # called with grad enabled: views and caches hold a graph
-    other = copy.deepcopy(guide)
-    pyro.set_rng_seed(3)
-    a = guide.sample_posterior(5)["z"]
-    pyro.set_rng_seed(3)
-    assert torch.equal(a, other.sample_posterior(5)["z"])
+    for other in (copy.deepcopy(guide), pickle.loads(pickle.dumps(guide))):
+        pyro.set_rng_seed(3)
+        a = guide.sample_posterior(5)["z"]
+        pyro.set_rng_seed(3)
+        assert torch.equal(a, other.sample_posterior(5)["z"])
