@@ -168,12 +168,12 @@ def _all_pieces(saved: list, d: int) -> list[tuple[Tensor, Tensor]]:
     """
     out: list = [None] * len(saved)
     groups: dict = {}
-    for i, (kind, const, (x, phi, t, nets)) in enumerate(saved):
+    for i, (kind, const, keep) in enumerate(saved):
         if kind == "affine":
-            key = (const["slope"], tuple(w.shape for _, w in nets))
+            key = (const["slope"], tuple(w.shape for _, w in keep[3]))
             groups.setdefault(key, []).append(i)
         else:
-            out[i] = _rqs_pieces(const, x, phi, t, nets, d)
+            out[i] = _rqs_pieces(const, keep, d)
     for (slope, _), members in groups.items():
         for i, piece in zip(members, _affine_pieces(slope, [saved[i][2] for i in members], d)):
             out[i] = piece
@@ -182,6 +182,19 @@ def _all_pieces(saved: list, d: int) -> list[tuple[Tensor, Tensor]]:
 
 def _flat(v: Tensor, width: int) -> Tensor:
     return v.reshape(-1, width)
+
+
+def _close(rows: Tensor, lrow: Tensor, keeps: list, diag: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(J, grad_x log|det J|)`` of a group of layers from their rows w.r.t. the last hidden layer.
+
+    ``rows`` (``(G, N, D, H)``) are those of :math:`\partial y_i / \partial h`
+    and ``lrow`` (``(G, N, 1, H)``) that of :math:`\sum_i \partial \lambda_i / \partial h`;
+    ``diag`` (``(G, N, D)``) is :math:`\partial y_i / \partial x_i` through the
+    univariate map's own argument.
+    """
+    m = _back_through_hidden(torch.cat((rows, lrow), -2), _hidden_stack(keeps))
+    d = rows.shape[-2]
+    return m[..., :d, :] + torch.diag_embed(diag), m[..., d, :]
 
 
 def _back_through_hidden(m: Tensor, nets: list[list]) -> Tensor:
@@ -202,9 +215,9 @@ def _hidden_stack(keeps: list) -> list:
     depth = len(keeps[0][3]) - 1
     out = []
     for h in range(depth - 1, -1, -1):
-        pre = torch.stack([_flat(k[3][h][0], k[3][h][0].shape[-1]) for k in keeps])
-        weight = torch.stack([k[3][h][1] for k in keeps])
-        out.append((pre, weight))
+        layer = [k[3][h] for k in keeps]  # (pre-activation, masked weight) of hidden layer h
+        pre = torch.stack([_flat(p, p.shape[-1]) for p, _ in layer])
+        out.append((pre, torch.stack([w for _, w in layer])))
     return out
 
 
@@ -222,13 +235,12 @@ def _affine_pieces(slope: float, keeps: list, d: int) -> list[tuple[Tensor, Tens
     # Rows of d y_i / d h (h: the last hidden layer), and of sum_i d lambda_i / d h.
     rows = w_out[:, None, :, 0, :] + (x * scale * da).unsqueeze(-1) * w_out[:, None, :, 1, :]
     lrow = (da @ w_out[:, :, 1, :]).unsqueeze(-2)  # (G, N, 1, H)
-    m = _back_through_hidden(torch.cat((rows, lrow), -2), _hidden_stack(keeps))
-    jac = m[..., :d, :] + torch.diag_embed(scale)
-    return list(zip(jac.unbind(0), m[..., d, :].unbind(0)))
+    jac, grad_ladj = _close(rows, lrow, keeps, scale)
+    return list(zip(jac.unbind(0), grad_ladj.unbind(0)))
 
 
-def _rqs_pieces(const: dict, x: Tensor, phi: Tensor, t, nets: list, d: int) -> tuple[Tensor, Tensor]:
-    keep = (x, phi, t, nets)
+def _rqs_pieces(const: dict, keep: tuple, d: int) -> tuple[Tensor, Tensor]:
+    x, phi, t, nets = keep
     p = phi.shape[-1]
     # The spline reads scale * phi: derivatives in its raw parameters, times scale.
     scale = const["scale"]
@@ -237,8 +249,8 @@ def _rqs_pieces(const: dict, x: Tensor, phi: Tensor, t, nets: list, d: int) -> t
     w_out = nets[-1][1]  # (D P, H)
     rows = (tp.transpose(0, 1) @ w_out.view(d, p, -1)).transpose(0, 1)  # (N, D, H), batched over i
     lrow = (lp.reshape(-1, d * p) @ w_out).view(1, -1, 1, w_out.shape[-1])
-    m = _back_through_hidden(torch.cat((rows.unsqueeze(0), lrow), -2), _hidden_stack([keep]))[0]
-    return m[..., :d, :] + torch.diag_embed(tx), m[..., d, :] + lx
+    jac, grad_ladj = _close(rows.unsqueeze(0), lrow, [keep], tx.unsqueeze(0))
+    return jac[0], grad_ladj[0] + lx
 
 
 def _soft_clamp_slope(raw: Tensor, scale: float) -> Tensor:

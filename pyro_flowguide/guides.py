@@ -173,7 +173,7 @@ from .elbo import DEFAULT_ALPHA, RenyiDReG_ELBO
 from .flows import FlowSpec, get_flow
 from .infer import default_loss
 from ._made_score import draw_and_score, made_layers
-from .transforms import FlowTransform, _param_tuple, _versions, flow_transform
+from .transforms import FlowTransform, _param_tuple, flow_transform
 
 __all__ = [
     "AutoFlowGuide",
@@ -289,10 +289,8 @@ def _draw_with_score(
     layers = _made_layers(flow)
     if layers is not None:  # Zuko's masked autoregressive layers: the score in closed form
         y, ladj, score = draw_and_score(layers, eps)
-        flow[0]._cache = (eps, y, ladj, _versions(flow[0]._params()))
-        u = affine(y)
-        log_q = base.log_prob(eps) - ladj - _event_sum(affine.log_abs_det_jacobian(y, u), affine)
-        return u, log_q, affine.inverse_transpose(score)
+        flow[0].remember(eps, y, ladj)
+        return _through_affine(affine, base, eps, y, ladj, score)
     return _draw_with_batched_score(parts, base, eps)
 
 
@@ -319,6 +317,13 @@ def _draw_with_batched_score(
         score = torch.linalg.solve_ex(jac_t, (-eps - rows[d]).unsqueeze(-1))[0].squeeze(-1)
     else:  # no flow: y is eps
         score = -eps.detach()
+    return _through_affine(affine, base, eps, y, ladj, score)
+
+
+def _through_affine(
+    affine: Transform, base: dist.Distribution, eps: Tensor, y: Tensor, ladj: Tensor, score: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(u, log q(u), score in u)`` from the flow's ``y = f(eps)``, ``log|det J_f|`` and score in ``y``."""
     u = affine(y)
     log_q = base.log_prob(eps) - ladj - _event_sum(affine.log_abs_det_jacobian(y, u), affine)
     return u, log_q, affine.inverse_transpose(score)

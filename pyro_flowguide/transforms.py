@@ -128,8 +128,12 @@ class _OnePassMixin:
         """The value and ``log|det J|`` at ``x`` from a single pass."""
         forward, _ = self._pair()
         y, ladj = forward.call_and_ladj(x)
-        self._cache = (x, y, ladj, _versions(self._params()))
+        self.remember(x, y, ladj)
         return y, ladj
+
+    def remember(self, x: Tensor, y: Tensor, ladj: Tensor) -> None:
+        """Caches ``(x, y, log|det J| at x)``, a pair computed outside this transform's own pass."""
+        self._cache = (x, y, ladj, _versions(self._params()))
 
     def _call(self, x: Tensor) -> Tensor:
         return self.call_and_ladj(x)[0]
@@ -140,7 +144,7 @@ class _OnePassMixin:
             return hit[0]
         _, backward = self._pair()
         x, ladj_inv = backward.call_and_ladj(y)
-        self._cache = (x, y, -ladj_inv, _versions(self._params()))
+        self.remember(x, y, -ladj_inv)
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
