@@ -132,7 +132,10 @@ class _OnePassMixin:
         return y, ladj
 
     def remember(self, x: Tensor, y: Tensor, ladj: Tensor) -> None:
-        """Caches ``(x, y, log|det J| at x)``, a pair computed outside this transform's own pass."""
+        """Caches ``(x, y, log|det J| at x)`` so ``inv(y)`` and the log-det of the pair need no pass.
+
+        Also for a pair computed elsewhere (the closed-form score runs the draw itself).
+        """
         self._cache = (x, y, ladj, _versions(self._params()))
 
     def _call(self, x: Tensor) -> Tensor:
