@@ -16,7 +16,8 @@ operations is run again under ``vmap``.
 For Zuko's masked autoregressive layers the pieces have a closed form. A
 layer is :math:`y_i = \tau(x_i; \varphi_i)` with :math:`\varphi = W_L
 \sigma(\cdots \sigma(W_1 x + b_1) \cdots) + b_L` (masked weights, ReLU
-:math:`\sigma`), so
+:math:`\sigma`; :class:`~pyro_flowguide.flows.BoundedInputMAT` reads
+:math:`B \tanh(x / B)` in place of :math:`x`, one more element-wise factor), so
 
 .. math:: J = \mathrm{diag}(\tau_x) + \tau_\varphi\, \Phi, \qquad
           \nabla_x \log|\det J| = \lambda_x + \Phi^\top \lambda_\varphi,
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._zuko import zuko
-from .flows import ScaledSpline
+from .flows import BoundedInputMAT, ScaledSpline
 
 __all__ = ["draw_and_score", "made_layers"]
 
@@ -97,14 +98,15 @@ def made_layers(lazy: nn.Module) -> tuple[tuple[nn.Module, str, dict], ...] | No
     """The layers of an unconditional Zuko flow transform, if all are written out here.
 
     Returns ``(layer, kind, constants)`` per layer in the order the normalising
-    map applies them, or ``None`` when any layer is of another kind (coupling,
+    map applies them (Zuko's ``MaskedAutoregressiveTransform`` or
+    :class:`~pyro_flowguide.flows.BoundedInputMAT`), or ``None`` when any layer is of another kind (coupling,
     element-wise, residual or normalised networks, other activations or
     univariate maps): the caller then takes the general route.
     """
     layers = list(lazy.transforms) if isinstance(lazy, zuko.lazy.LazyComposedTransform) else [lazy]
     found = []
     for layer in layers:
-        if type(layer) is not _MaskedAR or not _plain_made(layer.hyper):
+        if type(layer) not in (_MaskedAR, BoundedInputMAT) or not _plain_made(layer.hyper):
             return None
         if layer.hyper.in_features != layer.hyper[-1].out_features // layer.total:
             return None  # a context input: not an unconditional layer
@@ -118,7 +120,13 @@ def made_layers(lazy: nn.Module) -> tuple[tuple[nn.Module, str, dict], ...] | No
 # ---------------------------------------------------------------- the draw
 def _layer_forward(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, tuple]:
     """Zuko's ``meta(x).call_and_ladj(x)`` step by step, keeping what the score needs."""
-    h = x
+    bound = getattr(layer, "input_bound", None)  # BoundedInputMAT's network reads B tanh(x / B)
+    if bound is None:
+        h, squash = x, None
+    else:
+        th = torch.tanh(x / bound)
+        h = bound * th
+        squash = (1 - th * th).detach()
     saved = []
     mods = list(layer.hyper)
     for i in range(0, len(mods), 2):
@@ -131,7 +139,7 @@ def _layer_forward(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, tuple]:
     phi = h.unflatten(-1, (-1, layer.total))
     t = layer.univariate(*zuko.utils.unpack(phi, layer.shapes))
     y, ladj = t.call_and_ladj(x)
-    return y, ladj.sum(-1), (x, phi, t, saved)
+    return y, ladj.sum(-1), (x, phi, t, saved, squash)
 
 
 def draw_and_score(
@@ -170,11 +178,11 @@ def _all_pieces(saved: list, d: int) -> list[tuple[Tensor, Tensor]]:
     groups: dict = {}
     for i, (kind, const, keep) in enumerate(saved):
         if kind == "affine":
-            key = (const["slope"], tuple(w.shape for _, w in keep[3]))
+            key = (const["slope"], tuple(w.shape for _, w in keep[3]), keep[4] is None)
             groups.setdefault(key, []).append(i)
         else:
             out[i] = _rqs_pieces(const, keep, d)
-    for (slope, _), members in groups.items():
+    for (slope, _, _), members in groups.items():
         for i, piece in zip(members, _affine_pieces(slope, [saved[i][2] for i in members], d)):
             out[i] = piece
     return out
@@ -190,10 +198,14 @@ def _close(rows: Tensor, lrow: Tensor, keeps: list, diag: Tensor) -> tuple[Tenso
     ``rows`` (``(G, N, D, H)``) are those of :math:`\partial y_i / \partial h`
     and ``lrow`` (``(G, N, 1, H)``) that of :math:`\sum_i \partial \lambda_i / \partial h`;
     ``diag`` (``(G, N, D)``) is :math:`\partial y_i / \partial x_i` through the
-    univariate map's own argument.
+    univariate map's own argument. A network that reads :math:`B \tanh(x / B)`
+    (:class:`~pyro_flowguide.flows.BoundedInputMAT`) adds the factor
+    :math:`1 - \tanh^2(x / B)` per input.
     """
     m = _back_through_hidden(torch.cat((rows, lrow), -2), _hidden_stack(keeps))
     d = rows.shape[-2]
+    if keeps[0][4] is not None:
+        m = m * torch.stack([_flat(k[4], d) for k in keeps]).unsqueeze(-2)
     return m[..., :d, :] + torch.diag_embed(diag), m[..., d, :]
 
 
@@ -240,7 +252,7 @@ def _affine_pieces(slope: float, keeps: list, d: int) -> list[tuple[Tensor, Tens
 
 
 def _rqs_pieces(const: dict, keep: tuple, d: int) -> tuple[Tensor, Tensor]:
-    x, phi, t, nets = keep
+    x, phi, t, nets, _ = keep
     p = phi.shape[-1]
     # The spline reads scale * phi: derivatives in its raw parameters, times scale.
     scale = const["scale"]

@@ -168,3 +168,40 @@ def test_a_guide_just_called_for_training_can_be_copied_and_pickled():
         a = guide.sample_posterior(5)["z"]
         pyro.set_rng_seed(3)
         assert torch.equal(a, other.sample_posterior(5)["z"])
+
+
+def test_spline_maf_networks_read_bounded_inputs():
+    from pyro_flowguide.flows import BoundedInputMAT, SplineMAF
+
+    torch.manual_seed(0)
+    flow = SplineMAF(3, hidden_features=(16, 16), input_bound=4.0)
+    torch.manual_seed(0)
+    plain = SplineMAF(3, hidden_features=(16, 16))
+    layers, plain_layers = flow.transform.transforms, plain.transform.transforms
+    assert all(type(t) is BoundedInputMAT and t.input_bound == 4.0 for t in layers)
+    assert all(type(t) is zuko.flows.MaskedAutoregressiveTransform for t in plain_layers)
+    # The same weights, so the same initial flow as Zuko's layers.
+    state, plain_state = flow.state_dict(), plain.state_dict()
+    assert state.keys() == plain_state.keys()
+    assert all(torch.equal(state[k], plain_state[k]) for k in state)
+    _perturb(flow.transform)
+    plain.load_state_dict(flow.state_dict())
+    x = torch.tensor([[0.5, -1.0, 2.0], [50.0, -80.0, 30.0], [500.0, -800.0, 300.0]])
+    # The network of a bounded layer reads 4 tanh(x / 4); the element-wise map acts on x.
+    for t, p in zip(layers, plain_layers):
+        y, ladj = t(None).call_and_ladj(x)
+        squashed = p.meta(None, 4.0 * torch.tanh(x / 4.0))
+        y_ref, ladj_ref = squashed.call_and_ladj(x)
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(ladj, ladj_ref)
+    # Far out, a bounded layer is one fixed map; Zuko's ReLU networks keep changing theirs.
+    affine, plain_affine = layers[1], plain_layers[1]
+    far, farther = affine.meta(None, x[1]), affine.meta(None, x[2])
+    torch.testing.assert_close(far.base.log_scale, farther.base.log_scale, rtol=0, atol=1e-6)
+    plain_far, plain_farther = plain_affine.meta(None, x[1]), plain_affine.meta(None, x[2])
+    assert (plain_far.base.log_scale - plain_farther.base.log_scale).abs().max() > 0.1
+    # One feature: Zuko's element-wise layer; bad bounds are refused.
+    assert SplineMAF(1, input_bound=4.0)().sample((4,)).shape == (4, 1)
+    for bad in (0.0, -1.0, float("inf"), "4"):
+        with pytest.raises(ValueError, match="input_bound must be a positive number"):
+            SplineMAF(2, input_bound=bad)
