@@ -29,6 +29,30 @@ from torch import Tensor, nn
 __all__ = ["Packing"]
 
 
+class _Unpack(torch.autograd.Function):
+    """The pieces of a flat tensor as new tensors; their gradients are joined in one ``cat``.
+
+    A slice of a tensor that requires grad sends back a gradient the size of
+    the whole tensor (zeros but for the slice), so a flat parameter read as 40
+    slices costs 40 full-size fills and additions per backward pass: 1.2 ms of
+    a 7.6 ms step for a 25-D guide of 125,000 parameters. Here the backward
+    pass writes each piece's gradient once.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+        ctx.sizes = sizes
+        # Separate copies, not views of one copy: a piece may then be written
+        # in place (as a test perturbing a flow's weights does) like any tensor.
+        return tuple(piece.clone() for piece in flat.detach().split(sizes))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor, None]:
+        ref = next(g for g in grads if g is not None)
+        parts = [ref.new_zeros(n) if g is None else g.reshape(-1) for g, n in zip(grads, ctx.sizes)]
+        return torch.cat(parts), None
+
+
 class _Slot(NamedTuple):
     module: str  # qualified name in the module tree ("" for a named tensor)
     name: str
@@ -112,6 +136,34 @@ class Packing:
             for attrs, name, start, size, shape in self._resolved(module):
                 attrs[name] = flat.narrow(0, start, size).view(shape)
         return {name: flat.narrow(0, s.start, s.stop - s.start).view(s.shape) for name, s in self.named.items()}
+
+    def bind_for_grad(self, flat: Tensor, module: nn.Module | None = None) -> dict[str, Tensor]:
+        """:meth:`bind` for a step of training: copies of the pieces, whose gradients reach ``flat`` in one pass.
+
+        The pieces are not views, so writing to them does not change ``flat``;
+        use :meth:`bind` for that. Without autograd (``flat`` needs no grad,
+        or grad mode is off) this is :meth:`bind`.
+        """
+        if not (flat.requires_grad and torch.is_grad_enabled()) or len(self) != flat.numel():
+            return self.bind(flat, module)
+        sizes, piece_at = self._layout()
+        pieces = _Unpack.apply(flat, sizes)
+        views = {name: pieces[piece_at[s.start, s.stop]].view(s.shape) for name, s in self.named.items()}
+        if module is not None:
+            for attrs, name, start, size, shape in self._resolved(module):
+                attrs[name] = pieces[piece_at[start, start + size]].view(shape)
+        return views
+
+    def _layout(self) -> tuple[tuple[int, ...], dict[tuple[int, int], int]]:
+        # The flat vector as consecutive pieces, one per distinct range: a shared
+        # parameter has one range for all its owners, an empty one a range of its own.
+        hit = self.__dict__.get("_pieces")
+        if hit is None:
+            ranges = sorted({(s.start, s.stop) for s in (*self.named.values(), *self.module_slots)})
+            assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            hit = tuple(b - a for a, b in ranges), {r: i for i, r in enumerate(ranges)}
+            self.__dict__["_pieces"] = hit
+        return hit
 
     def unbind(self, module: nn.Module) -> None:
         """Removes the bound views (they hold a graph), e.g. before ``copy.deepcopy``."""

@@ -80,3 +80,36 @@ def test_an_unbound_copy_binds_to_the_same_vector_without_gradient():
     with torch.no_grad():
         flat.mul_(2.0)
     assert torch.equal(shadow(x), net(x))  # both follow the one storage
+
+
+def test_bind_for_grad_gives_the_same_values_and_gradients_in_one_pass():
+    a, b = nn.Linear(3, 3), nn.Linear(3, 2)
+    b.weight = nn.Parameter(a.weight[:2].detach().clone())
+    tree = nn.ModuleList([a, b])
+    tree.tied = a  # one range for a module reached twice
+    tree.empty = nn.Parameter(torch.zeros(0))
+    x = torch.randn(5, 3)
+    grads = []
+    for bind in ("bind", "bind_for_grad"):
+        torch.manual_seed(0)
+        net = copy.deepcopy(tree)
+        packing = Packing([("loc", torch.arange(1.0, 4.0)), ("none", torch.zeros(0))], net)
+        flat = nn.Parameter(packing.initial.clone())
+        views = getattr(packing, bind)(flat, net)
+        assert views["none"].shape == (0,) and net.empty.shape == (0,)
+        out = net[1](torch.tanh(net[0](x)))
+        loss = (out**2).sum() + (views["loc"] ** 3).sum() + 2 * net.tied.bias.sum()
+        loss.backward()
+        grads.append(flat.grad)
+        if bind == "bind_for_grad":
+            # Copies: writing to one leaves the parameter as it was.
+            with torch.no_grad():
+                views["loc"].zero_()
+            assert torch.equal(flat[:3].detach(), torch.arange(1.0, 4.0))
+            # Without autograd it is bind: views that see in-place updates.
+            with torch.no_grad():
+                views = packing.bind_for_grad(flat, net)
+                flat.zero_()
+            assert bool((views["loc"] == 0).all())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    assert bool((grads[1][:3] != 0).all())
