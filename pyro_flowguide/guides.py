@@ -529,6 +529,11 @@ class AutoFlowGuide(AutoContinuous):
             self._hyper["transforms"] = int(transforms)
         self._model_name = getattr(model, "__name__", type(model).__name__)
         super().__init__(model, init_loc_fn=_with_feasible_fallback(init_loc_fn))
+        # Pyro's self.model runs the model under init_loc_fn's InitMessenger,
+        # which computes an initial value for every site it meets (init_to_median
+        # draws 15 prior samples per site). The model that maps non-centred
+        # draws to sites gets every value from the guide, so it runs bare.
+        self._bare_model = (model,)
 
     _refused_support = None
     #: The sites given to the flow in non-centred coordinates (set on set-up).
@@ -775,7 +780,7 @@ class AutoFlowGuide(AutoContinuous):
     def _centered_rows(self, latent: Tensor, args: tuple, kwargs: dict) -> Tensor:
         lead = latent.shape[:-1]
         pieces = {site["name"]: value for site, value in self._unpack_batch(latent)}
-        values, _ = run_noncentered(self.model, pieces, self.noncentered_sites, args, kwargs)
+        values, _ = run_noncentered(self._bare_model[0], pieces, self.noncentered_sites, args, kwargs)
         parts = [
             (values[name] if name in self.noncentered_sites else pieces[name]).reshape(lead + (-1,))
             for name in pieces
@@ -917,7 +922,7 @@ class AutoFlowGuide(AutoContinuous):
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         pieces = {site["name"]: value for site, value in self._unpack_latent(latent)}
-        values, log_scales = run_noncentered(self.model, pieces, self.noncentered_sites, args, kwargs)
+        values, log_scales = run_noncentered(self._bare_model[0], pieces, self.noncentered_sites, args, kwargs)
         masked = poutine.get_mask() is False
         result = {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -977,6 +982,7 @@ class AutoFlowGuide(AutoContinuous):
         flow = self._modules.get("flow")
         if flow is not None and getattr(self, "_packing", None) is not None:
             self._packing.unbind(flow)
+        self._bare_model = None  # as Pyro drops its link to the model
         return super().__getstate__()
 
     def _constrained(self, latent: Tensor) -> dict[str, Tensor]:

@@ -10,6 +10,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 from pyro.infer import Predictive
+from pyro.infer.autoguide.initialization import init_to_median
 
 import pyro_flowguide as pfg
 from pyro_flowguide import AutoFlowGuide, GuideSetupError
@@ -152,6 +153,28 @@ def test_init_is_the_models_init():
         med = guide.median()
     for name in ("a", "b", "c"):
         assert torch.allclose(med[name], proto[name], atol=1e-4), name
+
+
+def test_init_strategy_runs_at_set_up_only():
+    # The model run that maps non-centred draws to sites takes every value from
+    # the guide: neither a step nor a summary calls init_loc_fn (init_to_median
+    # would draw prior samples, costing time and moving the RNG stream).
+    calls = []
+
+    def init(site):
+        calls.append(site["name"])
+        return init_to_median(site)
+
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(funnel, init_loc_fn=init, **SMALL)
+    guide()
+    assert guide.noncentered_sites == ("b",) and calls
+    done = len(calls)
+    svi = pyro.infer.SVI(funnel, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    for _ in range(3):
+        svi.step()
+    guide.sample_posterior(5)
+    assert len(calls) == done
 
 
 def test_api_draws_quantiles_predictive_and_reload(tmp_path):
