@@ -91,6 +91,16 @@ regression did not move (0.027, 0.037, 0.041).
   mixture). The default guide's step is then 0.99-1.09x the hand-written
   guide's on the five targets (12 interleaved blocks; 0.86-1.00x with
   ``estimator="reparam"``). It is the default up to ``STL_MAX_DIM`` latents.
+  On a later machine (2-core Xeon, AVX-512) the same code measured 1.08 /
+  1.04 / 1.16 / 1.18 / 1.27x (banana, mixture, funnel, eight schools,
+  logistic regression). Two costs outside the arithmetic made most of the
+  excess: each slice of the packed parameter sent back a gradient the size
+  of the whole vector (:meth:`~pyro_flowguide._packed.Packing.bind_for_grad`
+  now joins them in one pass), and the model run for non-centred sites
+  computed ``init_loc_fn`` for every site at every step. Without them: 1.06 /
+  1.02 / 1.07 / 1.09 / 1.17x (0.87-0.94x with ``estimator="reparam"``). The
+  rest, on the 25-D regression, is the score's per-draw Jacobians and
+  solves.
 * **One spline layer, then three affine MAF layers**
   (:class:`~pyro_flowguide.flows.SplineMAF`, the default family). Affine
   layers can only approximate two modes, so sticking the landing's gradient
@@ -129,6 +139,33 @@ regression did not move (0.027, 0.037, 0.041).
   target worse (banana 0.25, funnel 0.13 over seeds 0-1); with learnable
   degrees of freedom started at 30, training raised them to 30-50 (it wants
   Gaussian tails) and changed nothing measurable, at twice the step time.
+* **What decides k-hat.** Under protocol A the bulk of a guide's log
+  weights ends up nearly flat (standard deviation 0.005-0.04 on the banana
+  and on a conjugate Gaussian), so PSIS k-hat, a scale-free fit to the
+  largest weights, is decided by the few draws beyond
+  :math:`|\varepsilon| \approx 4`, where hardly any training draw has
+  landed and the flow's networks extrapolate. A retraining that differed
+  from the default only by rounding moved the banana's k-hat from 0.59 to
+  0.15 at the same w1 (0.021, seed 0), and one trained guide of the
+  conjugate model gave 0.17-0.47 over four sets of 4000 draws. Bounded
+  network inputs (:class:`~pyro_flowguide.flows.SplineMAF`'s
+  ``input_bound``, off by default) steady the banana's tails but cost the
+  mixture. Starting the affine stage at the inverse Hessian of the log joint
+  at the initial point (a Laplace start, each eigen-direction's sd capped at
+  ``init_scale``) was tried as well: over seeds 0-5 it left w1 where it was
+  (logistic regression 0.042 vs 0.041, eight schools 0.037 vs 0.037;
+  eight schools' k-hat 0.48 vs 0.56, within seed noise), and on the
+  conjugate model it made the bulk near-exact, so that the tails decided
+  k-hat alone (0.34-0.76 against 0.21-0.26 over three sets of draws), so the
+  guide starts at ``init_scale``. Eight schools' k-hat comes from the
+  posterior itself: a half-Cauchy scale's posterior density is finite at
+  :math:`\tau = 0`, so :math:`\log \tau` has an exponential left tail
+  (density :math:`\propto \tau`), and an exponential right tail as well;
+  the weights of any guide with Gaussian tails in :math:`\log \tau` grow
+  without bound there. The largest weights of a protocol-A guide sit at
+  :math:`\log \tau < -3.7` and :math:`> 2.8`, and its k-hat is 0.49-0.65
+  over three sets of 2000 draws, 0.61-0.76 at 20,000 and 0.62 at 200,000. A
+  flow whose tails can grow faster than Gaussian ones would be the fix.
 * **No iterate averaging.** Averaging the iterates of the last third of
   training made the banana worse (0.095): the networks do not stay in one
   basin.

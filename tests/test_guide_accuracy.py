@@ -59,11 +59,15 @@ def test_conjugate_gaussian_posterior_is_recovered():
     assert abs(psis.log_evidence - truth) < 3 * psis.log_evidence_se + 1e-3
     assert sd < 0.1 and psis.ess_fraction > 0.99, psis
     assert psis.khat < 0.5, psis.khat
-    # The log weights vary by only 0.03-0.06 here, and k-hat, a scale-free tail
-    # fit, is noise at that size: over three sets of 20,000 draws it was
-    # 0.30-0.36 for the default flow and 0.26-0.39 for plain MAF (training seeds
-    # 0-1). The target of k-hat < 0.3 holds on some draws only, so a miss is
-    # reported as an expected failure, not hidden.
+    # The log weights vary by only 0.03-0.06 here. k-hat is a scale-free fit to
+    # the largest of them, which come from the few draws at |eps| > 3.5, where
+    # the flow's networks extrapolate (log weights of Gaussian shape and this
+    # size would give k-hat near 0). It varies with the draws as much as with
+    # the training: 0.25-0.33 and 0.17-0.47 over four sets of 4000 draws of the
+    # guides of training seeds 0 and 1 (0.30-0.36 for the default flow and
+    # 0.26-0.39 for plain MAF over three sets of 20,000). The target of
+    # k-hat < 0.3 holds on some draws only, so a miss is reported as an
+    # expected failure, not hidden.
     if psis.khat >= 0.3:
         pytest.xfail(f"k-hat {psis.khat:.3f} >= 0.3 on near-equal weights (log-weight sd {sd:.3f})")
 
