@@ -7,7 +7,6 @@ and draws (the figures quoted in the notebooks come from full runs, outside CI).
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest
