@@ -156,8 +156,9 @@ regression did not move (0.027, 0.037, 0.041).
   (logistic regression 0.042 vs 0.041, eight schools 0.037 vs 0.037;
   eight schools' k-hat 0.48 vs 0.56, within seed noise), and on the
   conjugate model it made the bulk near-exact, so that the tails decided
-  k-hat alone (0.34-0.76 against 0.21-0.26 over three sets of draws), so the
-  guide starts at ``init_scale``. Eight schools' k-hat comes from the
+  k-hat alone (0.34-0.76 against 0.21-0.26 over three sets of draws, both
+  with bounded network inputs), so the guide starts at ``init_scale``.
+  Eight schools' k-hat comes from the
   posterior itself: a half-Cauchy scale's posterior density is finite at
   :math:`\tau = 0`, so :math:`\log \tau` has an exponential left tail
   (density :math:`\propto \tau`), and an exponential right tail as well;
@@ -1019,8 +1020,17 @@ class AutoFlowGuide(AutoContinuous):
         flow = self._modules.get("flow")
         if flow is not None and getattr(self, "_packing", None) is not None:
             self._packing.unbind(flow)
-        self._bare_model = None  # as Pyro drops its link to the model
-        return super().__getstate__()
+        # Pyro's __getstate__ drops the links to the model (and to an outer
+        # AutoGuideList) from the guide itself, not only from the copy it
+        # returns; a guide that was saved or copied then could no longer run
+        # its model. The copy leaves them out; the guide keeps them.
+        links = self._model, self._bare_model, self.master
+        try:
+            self._bare_model = None
+            state = dict(super().__getstate__())
+        finally:
+            self._model, self._bare_model, self.master = links
+        return state
 
     def _constrained(self, latent: Tensor) -> dict[str, Tensor]:
         """Maps a batch ``(N, D)`` of flat latents to constrained site values ``(N, *shape)``."""

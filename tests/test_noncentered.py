@@ -177,6 +177,22 @@ def test_init_strategy_runs_at_set_up_only():
     assert len(calls) == done
 
 
+def test_a_copied_or_pickled_guide_keeps_its_model():
+    import copy
+    import pickle
+
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(funnel, **SMALL)
+    guide()
+    copy.deepcopy(guide)
+    pickle.dumps(guide)
+    # The guide itself still runs its model (non-centred sites need it).
+    assert guide.model is not None
+    assert guide.sample_posterior(4)["b"].shape == (4, 3)
+    svi = pyro.infer.SVI(funnel, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    assert math.isfinite(svi.step())
+
+
 def test_api_draws_quantiles_predictive_and_reload(tmp_path):
     pyro.clear_param_store()
     guide = AutoFlowGuide(funnel, **SMALL)
