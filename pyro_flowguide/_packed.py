@@ -42,13 +42,16 @@ class _Unpack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
         ctx.sizes = sizes
+        ctx.set_materialize_grads(False)  # an unused piece sends None, filled below
         # Separate copies, not views of one copy: a piece may then be written
         # in place (as a test perturbing a flow's weights does) like any tensor.
         return tuple(piece.clone() for piece in flat.detach().split(sizes))
 
     @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor, None]:
-        ref = next(g for g in grads if g is not None)
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, None]:
+        ref = next((g for g in grads if g is not None), None)
+        if ref is None:
+            return None, None
         parts = [ref.new_zeros(n) if g is None else g.reshape(-1) for g, n in zip(grads, ctx.sizes)]
         return torch.cat(parts), None
 
@@ -144,7 +147,7 @@ class Packing:
         use :meth:`bind` for that. Without autograd (``flat`` needs no grad,
         or grad mode is off) this is :meth:`bind`.
         """
-        if not (flat.requires_grad and torch.is_grad_enabled()) or len(self) != flat.numel():
+        if not (flat.requires_grad and torch.is_grad_enabled()):
             return self.bind(flat, module)
         sizes, piece_at = self._layout()
         pieces = _Unpack.apply(flat, sizes)
@@ -157,12 +160,12 @@ class Packing:
     def _layout(self) -> tuple[tuple[int, ...], dict[tuple[int, int], int]]:
         # The flat vector as consecutive pieces, one per distinct range: a shared
         # parameter has one range for all its owners, an empty one a range of its own.
-        hit = self.__dict__.get("_pieces")
+        hit = getattr(self, "_pieces", None)
         if hit is None:
             ranges = sorted({(s.start, s.stop) for s in (*self.named.values(), *self.module_slots)})
             assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             hit = tuple(b - a for a, b in ranges), {r: i for i, r in enumerate(ranges)}
-            self.__dict__["_pieces"] = hit
+            self._pieces = hit
         return hit
 
     def unbind(self, module: nn.Module) -> None:

@@ -91,6 +91,11 @@ class FlowSpec:
 _HIDDEN = (64, 64)
 
 
+def _check_positive(name: str, value: Any, alternative: str = "") -> None:
+    if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a positive number{alternative}, got {value!r}")
+
+
 class BoundedInputMAT(zuko.flows.MaskedAutoregressiveTransform):
     r"""Zuko's masked autoregressive transform whose network reads :math:`B \tanh(x / B)`.
 
@@ -111,8 +116,7 @@ class BoundedInputMAT(zuko.flows.MaskedAutoregressiveTransform):
     """
 
     def __init__(self, *args: Any, input_bound: float = 4.0, **kwargs: Any) -> None:
-        if not (isinstance(input_bound, (int, float)) and 0 < input_bound < math.inf):
-            raise ValueError(f"input_bound must be a positive number, got {input_bound!r}")
+        _check_positive("input_bound", input_bound)
         super().__init__(*args, **kwargs)
         self.input_bound = float(input_bound)
 
@@ -189,10 +193,9 @@ class SplineMAF(zuko.flows.Flow):
         randperm: bool = False,
         **kwargs: Any,
     ) -> None:
-        if not (isinstance(spline_scale, (int, float)) and 0 < spline_scale < math.inf):
-            raise ValueError(f"spline_scale must be a positive number, got {spline_scale!r}")
-        if input_bound is not None and not (isinstance(input_bound, (int, float)) and 0 < input_bound < math.inf):
-            raise ValueError(f"input_bound must be a positive number or None, got {input_bound!r}")
+        _check_positive("spline_scale", spline_scale)
+        if input_bound is not None:  # checked here too: one feature builds no BoundedInputMAT
+            _check_positive("input_bound", input_bound, " or None")
         if input_bound is None or features == 1:  # Zuko's layer is element-wise for one feature
             layer = zuko.flows.MaskedAutoregressiveTransform
         else:

@@ -877,13 +877,13 @@ class AutoFlowGuide(AutoContinuous):
         """The transforms from base noise to the flat latent: the flow, then the affine stage."""
         # Reading self.packed (and self.flow, if it kept parameters of its own)
         # inside the guide's context registers them with the param store.
-        views = self._bind(self.packed, self._modules["flow"], for_grad=True)
+        views = self._bind(self.packed, self._modules["flow"])
         flow = self.flow if self._flow_has_params else self._modules["flow"]
         return _parts_of(flow) + [_affine_stage(views)]
 
-    def _bind(self, flat: Tensor, flow: nn.Module, for_grad: bool = False) -> dict[str, Tensor]:
-        bind = self._packing.bind_for_grad if for_grad else self._packing.bind
-        views = bind(flat, flow)
+    def _bind(self, flat: Tensor, flow: nn.Module) -> dict[str, Tensor]:
+        # Copies with one backward pass for a training call; views otherwise.
+        views = self._packing.bind_for_grad(flat, flow)
         if self._packing.module_slots:
             _clear_part_caches(flow)  # new parameter views: cached values belong to the old ones
         return views
