@@ -120,23 +120,25 @@ def test_khat_flags_a_mean_field_guide_on_the_banana():
 @pytest.mark.skipif(not hasattr(pfg, "AutoFlowGuide"), reason="AutoFlowGuide not available")
 def test_khat_passes_a_flow_guide_on_the_banana():
     # k-hat needs weights with a tail to fit: the centred flow guide's log weights
-    # vary by 0.05-0.9. Which tail it learns is decided by rounding: with the
-    # STL score from autograd's batched pass, training seeds 0 / 1 / 2 gave k-hat
-    # 0.13 / 0.32 / 0.18 (first draw set; 0.13-0.43 over three draw sets each);
-    # with the closed-form score, equal to it within 2e-6 at every step, 0.56 /
-    # 0.29 / 0.86 (0.29-0.86). IS-ESS was above 96% in every draw set (AutoNormal:
-    # under 1%), which is asserted with k-hat below AutoNormal's 0.7 at this seed;
-    # the target k-hat < 0.5 holds on some trainings only, so a miss is reported
-    # as an expected failure, not hidden.
-    centred = pfg.AutoFlowGuide(banana, noncentered=False)
-    fit(banana, centred, steps=3000, progress=False, seed=0)
-    pyro.set_rng_seed(0)
-    result = psis_diagnostic(banana, centred, num_samples=20_000)  # as many as AutoNormal's
-    assert result.ess_fraction > 0.95, result
-    assert result.khat < 0.7, result
-    if result.khat >= 0.5:
-        pytest.xfail(f"k-hat {result.khat:.3f} >= 0.5 (IS-ESS {result.ess_fraction:.3f})")
-    assert result.verdict.startswith("good")
+    # vary by 0.05-0.9, and its k-hat is decided by how its marginal tails come
+    # out of training (2.53 against the exact 2.58 sd at z1's 99.5% quantile
+    # gave 0.72, tails on the heavy side 0.2-0.3), which changes with the seed
+    # and with rounding. Over training seeds 0-11 (first draw set): 0.72 0.35
+    # 0.19 0.33 0.28 0.69 0.66 0.19 0.04 0.49 0.07 0.22 (before the spline's
+    # closed-form gradients, equal to autograd's within 2e-7: 0.47 0.32 0.28
+    # 0.09 0.51 0.41 0.58 0.40 0.13 1.02 0.79 0.24). One training's k-hat is a
+    # draw from that spread, so the test asks for the median of three to be
+    # good (< 0.5) and for every importance ESS to be high (AutoNormal: under 1%).
+    results = []
+    for seed in (0, 1, 2):
+        pyro.clear_param_store()
+        centred = pfg.AutoFlowGuide(banana, noncentered=False)
+        fit(banana, centred, steps=3000, progress=False, seed=seed)
+        pyro.set_rng_seed(0)
+        results.append(psis_diagnostic(banana, centred, num_samples=20_000))  # as many as AutoNormal's
+    assert all(r.ess_fraction > 0.95 for r in results), results
+    median = sorted(results, key=lambda r: r.khat)[1]
+    assert median.khat < 0.5 and median.verdict.startswith("good"), results
 
 
 @pytest.mark.slow
