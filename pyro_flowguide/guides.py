@@ -99,8 +99,10 @@ regression did not move (0.027, 0.037, 0.041).
   now joins them in one pass), and the model run for non-centred sites
   computed ``init_loc_fn`` for every site at every step. Without them: 1.06 /
   1.02 / 1.07 / 1.09 / 1.17x (0.87-0.94x with ``estimator="reparam"``). The
-  rest, on the 25-D regression, is the score's per-draw Jacobians and
-  solves.
+  rest, on the 25-D regression, was the score's spline derivatives and
+  solves; with triangular solves and the spline layer as one autograd node
+  whose gradients are those derivatives (see :mod:`pyro_flowguide._made_score`):
+  0.93 / 0.91 / 0.96 / 0.99 / 1.06x (0.86-0.94x with ``"reparam"``).
 * **One spline layer, then three affine MAF layers**
   (:class:`~pyro_flowguide.flows.SplineMAF`, the default family). Affine
   layers can only approximate two modes, so sticking the landing's gradient
