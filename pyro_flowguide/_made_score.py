@@ -328,7 +328,7 @@ def _back_through_hidden(m: Tensor, nets: list[list]) -> Tensor:
     """
     g, n, r, _ = m.shape
     for pre, weight in nets:
-        # (G, N R, H) @ (G, H, H_in): one batched product, no copies of the weights
+        # (G, N R, H) @ (G, H, H_in): one batched product for all G layers
         m = ((m * (pre > 0).unsqueeze(-2)).view(g, n * r, -1) @ weight).view(g, n, r, -1)
     return m
 

@@ -102,7 +102,8 @@ regression did not move (0.027, 0.037, 0.041).
   rest, on the 25-D regression, was the score's spline derivatives and
   solves; with triangular solves and the spline layer as one autograd node
   whose gradients are those derivatives (see :mod:`pyro_flowguide._made_score`):
-  0.93 / 0.91 / 0.96 / 0.99 / 1.06x (0.86-0.94x with ``"reparam"``).
+  0.94 / 0.91 / 0.97 / 0.99 / 1.05x (0.87-0.94x with ``"reparam"``; 1.06x
+  on the regression in a second run).
 * **One spline layer, then three affine MAF layers**
   (:class:`~pyro_flowguide.flows.SplineMAF`, the default family). Affine
   layers can only approximate two modes, so sticking the landing's gradient
