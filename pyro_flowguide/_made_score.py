@@ -192,7 +192,9 @@ class _Spline(torch.autograd.Function):
     \lambda_x, \lambda_\varphi` (:func:`_rqs_derivatives`), which the score
     needs anyway: one node in the graph instead of the spline's hundred or so
     small operations, forward and backward. The derivatives are appended to
-    ``found``.
+    ``found``. The node is differentiable once, as the losses need; for
+    higher-order gradients through the guide's draws use
+    ``estimator="reparam"``, which runs Zuko's operations under autograd.
     """
 
     @staticmethod

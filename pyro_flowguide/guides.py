@@ -498,8 +498,11 @@ class AutoFlowGuide(AutoContinuous):
             is differentiated along the sampling path only, with the flow's
             parameters held fixed, so the gradient's variance vanishes as the
             guide approaches the posterior; works with every flow, inverse or
-            not, and costs one extra backward pass batched over the latent's
-            coordinates), ``"reparam"`` (the plain reparameterisation
+            not; the draw's score is written out for Zuko's masked
+            autoregressive families and costs one extra backward pass batched
+            over the latent's coordinates for the others; with spline layers
+            the draws are differentiable once, as every ELBO needs),
+            ``"reparam"`` (the plain reparameterisation
             gradient), or ``"auto"`` (the default): STL for the families it was
             measured to help (registry families SplineMAF, MAF, NSF, NICE,
             RealNVP, or no flow) when the latent has at most ``STL_MAX_DIM``
