@@ -303,8 +303,10 @@ def protocol_a_svi(target: Target, guide: Any, steps: int, num_particles: int = 
     return SVI(target.model, guide, protocol_a_optimizer(steps), elbo)
 
 
-def _train_svi(target: Target, guide: Any, steps: int) -> tuple[list[float], list[float]]:
-    svi = protocol_a_svi(target, guide, steps)
+def _train_svi(
+    target: Target, guide: Any, steps: int, num_particles: int = _PARTICLES
+) -> tuple[list[float], list[float]]:
+    svi = protocol_a_svi(target, guide, steps, num_particles)
     clear = _clear_caches(guide)
     losses, times = [], []
     for _ in range(steps):
@@ -357,6 +359,7 @@ def run_one(
     steps: int = 3000,
     trainer: str = "svi",
     draws: int = 2000,
+    particles: int = _PARTICLES,
 ) -> dict[str, Any]:
     r"""Fits one guide to one target under protocol A and scores it.
 
@@ -369,6 +372,8 @@ def run_one(
         steps: SVI steps.
         trainer: ``"svi"`` (protocol A) or ``"fit"`` (``pyro_flowguide.fit`` defaults).
         draws: Number of guide draws scored.
+        particles: Vectorised particles of the ``"svi"`` trainer (protocol A:
+            4; other counts measure what more particles would buy).
 
     Returns:
         A dict: ``target``, ``guide``, ``seed``, ``steps``, ``trainer``, the
@@ -392,7 +397,7 @@ def run_one(
         pyro.set_rng_seed(seed)
         guide = make_guide(guide_name, spec)
         if trainer == "svi":
-            losses, times = _train_svi(spec, guide, steps)
+            losses, times = _train_svi(spec, guide, steps, particles)
         elif trainer == "fit":
             losses, times = _train_fit(spec, guide, steps)
         else:
@@ -407,6 +412,7 @@ def run_one(
         "seed": seed,
         "steps": steps,
         "trainer": trainer,
+        "particles": particles if trainer == "svi" else None,
         **scores,
         "ms_per_step": 1e3 * statistics.median(times) if times else float("nan"),
         "params": params,
@@ -431,6 +437,7 @@ def run_grid(
     draws: int = 2000,
     log: Callable[[str], None] = print,
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+    particles: int = _PARTICLES,
 ) -> list[dict[str, Any]]:
     """:func:`run_one` over every target x guide x seed; unavailable guides are noted and skipped.
 
@@ -445,7 +452,7 @@ def run_grid(
                 if key in skipped:
                     continue
                 try:
-                    row = run_one(target, guide, seed, steps, trainer, draws)
+                    row = run_one(target, guide, seed, steps, trainer, draws, particles)
                 except GuideUnavailable as e:
                     log(f"note: skipping {guide}: {e}")
                     skipped.add(key)
@@ -535,6 +542,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--trainer", choices=("svi", "fit"), default="svi")
     parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument(
+        "--particles", type=int, default=_PARTICLES,
+        help=f"vectorised particles of the svi trainer (protocol A: {_PARTICLES})",
+    )
     parser.add_argument("--verbose", action="store_true", help="also print per-seed rows")
     parser.add_argument(
         "--grid", action="store_true", help="print a guide x target grid of w1 / k-hat instead"
@@ -563,9 +574,10 @@ def main(argv: list[str] | None = None) -> None:
         args.draws,
         log=print if args.verbose else (lambda s: print(s) if s.startswith("note") else None),
         on_row=save,
+        particles=args.particles,
     )
     recipe = (
-        f"SVI, {_PARTICLES} vectorised particles, lr {_LR} -> {_LR_END}"
+        f"SVI, {args.particles} vectorised particles, lr {_LR} -> {_LR_END}"
         if args.trainer == "svi"
         else "pyro_flowguide.fit defaults; ms/step = mean incl. setup"
     )
