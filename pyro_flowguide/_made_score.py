@@ -207,6 +207,7 @@ class _Spline(torch.autograd.Function):
         derivs = (tx, scale * tp, lx, scale * lp)
         found.append(derivs)
         ctx.save_for_backward(*derivs)
+        ctx.shapes = x.shape, phi.shape
         ctx.set_materialize_grads(False)
         return y, ladj
 
@@ -224,9 +225,9 @@ class _Spline(torch.autograd.Function):
             grad_phi = gp if grad_phi is None else grad_phi + gp
         if grad_x is None:
             return None, None, None, None, None
-        shape = grad_y.shape if grad_y is not None else grad_ladj.shape
-        grad_x = grad_x.view(shape) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_phi.view(shape + tp.shape[-1:]), None, None, None
+        x_shape, phi_shape = ctx.shapes
+        grad_x = grad_x.view(x_shape) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_phi.view(phi_shape), None, None, None
 
 
 def draw_and_score(
@@ -280,7 +281,7 @@ def _all_pieces(saved: list, d: int) -> list[tuple[Tensor, Tensor]]:
             key = (const["slope"], tuple(w.shape for _, w in keep[3]), keep[4] is None)
             groups.setdefault(key, []).append(i)
         else:
-            heads.append(([i], *_rqs_heads(const, keep, d)))
+            heads.append(([i], *_rqs_heads(keep, d)))
     for (slope, _, _), members in groups.items():
         heads.append((members, *_affine_heads(slope, [saved[i][2] for i in members], d), [None] * len(members)))
     closing: dict = {}
@@ -363,7 +364,7 @@ def _affine_heads(slope: float, keeps: list, d: int) -> tuple[Tensor, Tensor, Te
     return rows, lrow, scale
 
 
-def _rqs_heads(const: dict, keep: tuple, d: int) -> tuple[Tensor, Tensor, Tensor, list]:
+def _rqs_heads(keep: tuple, d: int) -> tuple[Tensor, Tensor, Tensor, list]:
     _, phi, (tx, tp, lx, lp), nets, _ = keep  # derivatives from _Spline
     p = phi.shape[-1]
     w_out = nets[-1][1]  # (D P, H)
