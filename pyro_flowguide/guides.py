@@ -181,7 +181,8 @@ regression did not move (0.027, 0.037, 0.041).
   weights flatter (standard deviation 0.009-0.025) but left k-hat a lottery
   of the tails (0.47 / 0.20 / 0.28 on seeds 0-2), as bounded network inputs
   did (0.27 / 0.22 / 0.41 at bound 8 over 20,000 draws). On a machine of
-  another make the same code gave eight schools 0.035 / 0.055 / 0.045 and k-hat 0.52 / 0.43 / 0.69 on seeds
+  another make the same code gave eight schools 0.035 / 0.055 / 0.045 and
+  k-hat 0.52 / 0.43 / 0.69 on seeds
   0-2, against 0.036 / 0.053 / 0.039 and 0.48 / 0.42 / 0.61: a k-hat near
   0.5 goes either side of it with rounding.
 * **No iterate averaging.** Averaging the iterates of the last third of
