@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import _bijections  # registers biject_to for lower-Cholesky and positive-definite supports
 from . import amortized, flows, guides, transforms
 from . import arviz, density, diagnostics, elbo, infer, plots
 from .arviz import to_inference_data

@@ -11,7 +11,10 @@ where :math:`f_\theta` is a flow that starts at the identity and
 :math:`L` by default). At initialisation the guide is therefore exactly a
 Gaussian centred at the model's init values (``init_loc_fn``) with scale
 ``init_scale``, as ``AutoNormal`` / ``AutoMultivariateNormal`` start; the flow
-then only has to learn what a Gaussian cannot.
+then only has to learn what a Gaussian cannot. Lower-Cholesky and
+positive-definite sites (``Wishart``, say), for which torch has no
+``biject_to``, get the bijections of :mod:`pyro_flowguide._bijections`, from
+their :math:`D(D+1)/2` free entries.
 
 Why this shape (measured on the benchmark targets, ``benchmarks/posteriors.py``):
 

@@ -57,6 +57,19 @@ def constrained_model():
     pyro.sample("lower", dist.Uniform(-1.0, 2.0))
 
 
+_COV_DATA = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+
+
+def covariance_model(x=_COV_DATA):
+    # A positive-definite precision (Wishart prior) and a lower-Cholesky factor
+    # (flat prior, identified by the data).
+    prec = pyro.sample("prec", dist.Wishart(torch.tensor(4.0), torch.eye(2)))
+    tril = pyro.sample("tril", dist.ImproperUniform(dist.constraints.lower_cholesky, (), (2, 2)))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.MultivariateNormal(torch.zeros(2), precision_matrix=prec), obs=x)
+        pyro.sample("y", dist.MultivariateNormal(torch.zeros(2), scale_tril=tril), obs=x)
+
+
 def plated_model(x=torch.linspace(-1, 1, 6), y=None):
     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
     with pyro.plate("groups", 3):
@@ -83,6 +96,7 @@ ZOO = {
     "vector": (vector_model, (), {}),
     "matrix": (matrix_model, (), {}),
     "constrained": (constrained_model, (), {}),
+    "covariance": (covariance_model, (), {}),
     "plated": (plated_model, (), {}),
     "nested": (nested_plates_model, (), {}),
     "args_kwargs": (args_kwargs_model, (torch.arange(4.0), torch.ones(4)), {"scale": 2.0}),
@@ -516,10 +530,10 @@ def test_discrete_latent_is_named():
 @pytest.mark.parametrize(
     "site_dist",
     [
-        dist.Wishart(torch.tensor(4.0), torch.eye(2)),
-        dist.ImproperUniform(dist.constraints.lower_cholesky, (), (2, 2)),
+        dist.ImproperUniform(dist.constraints.positive_semidefinite, (), (2, 2)),
+        dist.ImproperUniform(dist.constraints.symmetric, (), (2, 2)),
     ],
-    ids=["positive_definite", "lower_cholesky"],
+    ids=["positive_semidefinite", "symmetric"],
 )
 def test_support_without_bijection_is_named(site_dist):
     def model():

@@ -499,3 +499,27 @@ def test_parameters_lists_every_trainable_tensor(name, context):
     opt.step()
     changed = [not torch.equal(b, p.detach()) for b, p in zip(before, T.parameters())]
     assert all(changed), f"{name}: {changed.count(False)} parameter tensors did not move"
+
+
+# ------------------------------------------------ matrix-support bijections
+@pytest.mark.parametrize("support", ["lower_cholesky", "positive_definite"])
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_matrix_support_bijections(support, d):
+    import pyro_flowguide  # noqa: F401  (registers the bijections)
+    from torch.distributions import biject_to, constraints
+
+    constraint = getattr(constraints, support)
+    t = biject_to(constraint)
+    n = d * (d + 1) // 2
+    assert t.inverse_shape((3, d, d)) == (3, n) and t.forward_shape((3, n)) == (3, d, d)
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+    y = t(x)
+    assert y.shape == (3, d, d) and bool(constraint.check(y).all())
+    torch.testing.assert_close(t.inv(y), x)
+    rows, cols = torch.tril_indices(d, d)
+    for i in range(3):
+        # Log-Jacobian with respect to the matrix's lower triangle.
+        jac = jacobian(lambda v: t(v)[rows, cols], x[i])
+        torch.testing.assert_close(t.log_abs_det_jacobian(x[i], y[i]), torch.linalg.slogdet(jac)[1])
+    with pytest.raises(ValueError, match="lower triangle"):
+        t(torch.zeros(5))
