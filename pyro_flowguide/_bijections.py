@@ -21,6 +21,7 @@ posterior on such sites.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,7 +38,9 @@ def _side(n: int) -> int:
     return d
 
 
+@functools.lru_cache(maxsize=32)
 def _tril(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows, columns and diagonal mask of the lower triangle, made once (never written to)."""
     rows, cols = torch.tril_indices(d, d, device=device)
     return rows, cols, rows == cols
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from torch.autograd.functional import jacobian
+from torch.distributions import biject_to, constraints
 
 from pyro_flowguide.flows import base_distribution, flow_names, get_flow
 from pyro_flowguide.transforms import (
@@ -505,9 +506,7 @@ def test_parameters_lists_every_trainable_tensor(name, context):
 @pytest.mark.parametrize("support", ["lower_cholesky", "positive_definite"])
 @pytest.mark.parametrize("d", [1, 2, 4])
 def test_matrix_support_bijections(support, d):
-    import pyro_flowguide  # noqa: F401  (registers the bijections)
-    from torch.distributions import biject_to, constraints
-
+    # Importing pyro_flowguide (above) registered these with biject_to.
     constraint = getattr(constraints, support)
     t = biject_to(constraint)
     n = d * (d + 1) // 2
