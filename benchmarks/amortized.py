@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import pyro_flowguide as pfg  # noqa: E402
-from pyro_flowguide.infer import default_loss, default_optim  # noqa: E402
+from pyro_flowguide.train import default_loss, default_optim  # noqa: E402
 
 
 def _rss_mb() -> float:

@@ -3,7 +3,7 @@ r"""Distributed SVI on CPU: steps/s and samples/s for 1 vs 2 processes.
 A Bayesian logistic regression on ``--num-data`` synthetic points with
 ``--features`` features, an ``AutoNormal`` guide (``--guide flow`` for
 ``AutoFlowGuide``), one ELBO particle, trained with
-:func:`pyro_flowguide.distributed.fit_distributed`. The model takes each
+:func:`pyro_flowguide.train.lightning.fit_distributed`. The model takes each
 batch's indices and declares ``pyro.plate("data", N, subsample=idx)``, so
 every process's minibatch is scaled to the full data. For each per-process
 batch size ``B`` it runs:
@@ -83,7 +83,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule
 
 from pyro_flowguide import AutoFlowGuide
-from pyro_flowguide.distributed import fit_distributed
+from pyro_flowguide.train.lightning import fit_distributed
 
 
 class LogisticRegression(PyroModule):

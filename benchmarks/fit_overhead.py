@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import pyro_flowguide as pfg  # noqa: E402
 from benchmarks.targets import get_target  # noqa: E402
-from pyro_flowguide.infer import DEFAULT_FINAL_LR, ProgressBar, default_loss, default_optim, fit  # noqa: E402
+from pyro_flowguide.train import DEFAULT_FINAL_LR, ProgressBar, default_loss, default_optim, fit  # noqa: E402
 
 GUIDES = {
     "autonormal": lambda model: AutoNormal(model),

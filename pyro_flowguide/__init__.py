@@ -2,29 +2,33 @@
 
 __version__ = "0.1.0"
 
-from . import _bijections  # registers biject_to for lower-Cholesky and positive-definite supports
-from . import amortized, flows, guides, transforms
-from . import arviz, density, diagnostics, elbo, infer, plots
-from .arviz import to_inference_data
-from .density import DensityFit, fit_density
-from .diagnostics import PSISResult, psis_diagnostic
-from .elbo import RenyiDReG_ELBO
-from .infer import (
+from . import bijections  # registers biject_to for lower-Cholesky and positive-definite supports
+from . import diagnostics, flows, guides, train, transforms
+from .diagnostics import PSISResult, psis_diagnostic, to_inference_data
+from .flows import FLOWS, FlowSpec, UnknownFlowError, flow_names, get_flow
+from .guides import (
+    DEFAULT_FLOW,
+    AutoAmortizedFlowGuide,
+    AutoFlowGuide,
+    GuideSetupError,
+    local_psis_diagnostic,
+)
+from .train import (
     Callback,
     Checkpoint,
     CheckpointMismatchError,
     ClearFlowCaches,
+    DensityFit,
     EarlyStopping,
     FitResult,
     NonFiniteGuard,
     NonFiniteLossError,
     ProgressBar,
+    RenyiDReG_ELBO,
     fit,
+    fit_density,
     load_checkpoint,
 )
-from .flows import FLOWS, FlowSpec, UnknownFlowError, flow_names, get_flow
-from .guides import DEFAULT_FLOW, AutoFlowGuide, GuideSetupError
-from .amortized import AutoAmortizedFlowGuide, local_psis_diagnostic
 from .transforms import ConditionalFlowTransform, FlowTransform, flow_transform
 
 __all__ = [
@@ -40,17 +44,11 @@ __all__ = [
     "PSISResult",
     "ProgressBar",
     "RenyiDReG_ELBO",
-    "amortized",
-    "arviz",
-    "density",
     "diagnostics",
-    "elbo",
     "fit",
     "fit_density",
-    "infer",
     "load_checkpoint",
     "local_psis_diagnostic",
-    "plots",
     "psis_diagnostic",
     "to_inference_data",
     "AutoAmortizedFlowGuide",
@@ -68,14 +66,18 @@ __all__ = [
     "flow_transform",
     "flows",
     "get_flow",
+    "train",
     "transforms",
 ]
 
 
 def __getattr__(name: str):
-    # `distributed` needs the optional Lightning dependency: import it on first use only.
-    if name == "distributed":
-        import importlib
+    # The previous release's module names, and the Lightning trainer (which
+    # needs an optional dependency): imported on first use only.
+    import importlib
 
-        return importlib.import_module(f"{__name__}.distributed")
+    from ._deprecated import MOVED
+
+    if name in MOVED:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,7 @@ from pyro.infer.autoguide import AutoNormal
 from .diagnostics import psis_diagnostic
 from .flows import base_distribution
 from .guides import AutoFlowGuide
-from .infer import fit
+from .train import fit
 from .transforms import flow_transform
 
 __all__ = ["banana", "main", "posterior_demo", "sample_target", "target_log_density"]

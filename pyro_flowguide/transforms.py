@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from ._zuko import zuko
-from .flows import FlowSpec, get_flow
+from .flows.registry import FlowSpec, get_flow
 
 __all__ = [
     "ConditionalFlowTransform",

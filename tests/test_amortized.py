@@ -14,7 +14,7 @@ from pyro.infer import Predictive
 
 import pyro_flowguide as pfg
 from pyro_flowguide import AutoAmortizedFlowGuide, GuideSetupError
-from pyro_flowguide.amortized import local_psis_diagnostic, subsample_indices
+from pyro_flowguide.guides import local_psis_diagnostic, subsample_indices
 
 SMALL = {"hidden_features": (16, 16), "transforms": 2, "encoder_features": (16, 16)}
 

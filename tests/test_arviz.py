@@ -14,8 +14,8 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 import pyro_flowguide as pfg
-from pyro_flowguide.arviz import to_inference_data
-from pyro_flowguide.infer import fit
+from pyro_flowguide.diagnostics import to_inference_data
+from pyro_flowguide.train import fit
 
 az = pytest.importorskip("arviz")
 torch.set_num_threads(1)
@@ -122,7 +122,7 @@ def test_plots_run():
     idata = to_inference_data(guide, regression, x, g, y, num_samples=100)
     az.plot_pair(idata, var_names=["b", "sigma"])
     az.plot_ppc(idata, num_pp_samples=20)
-    from pyro_flowguide.plots import plot_pair
+    from pyro_flowguide.diagnostics.plots import plot_pair
 
     fig = plot_pair({k: idata.posterior[k].values[0] for k in ("b", "sigma")}, reference=None)
     assert len(fig.axes) == 9

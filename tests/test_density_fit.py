@@ -7,8 +7,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_flowguide.density import DensityFit, fit_density
-from pyro_flowguide.infer import Callback, FitResult
+from pyro_flowguide.train import DensityFit, fit_density
+from pyro_flowguide.train import Callback, FitResult
 from pyro_flowguide.transforms import flow_transform
 
 torch.set_num_threads(1)

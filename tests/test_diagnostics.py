@@ -12,7 +12,7 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_val
 
 import pyro_flowguide as pfg
 from pyro_flowguide.diagnostics import FLAT_LOG_WEIGHT_SD, PSISResult, psis_diagnostic
-from pyro_flowguide.infer import fit
+from pyro_flowguide.train import fit
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ from pyro.infer import RenyiELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_flowguide as pfg
-from pyro_flowguide.elbo import DEFAULT_ALPHA, RenyiDReG_ELBO
+from pyro_flowguide.train.losses import DEFAULT_ALPHA, RenyiDReG_ELBO
 
 torch.set_num_threads(1)
 

@@ -18,7 +18,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_flowguide as pfg
-from pyro_flowguide.infer import (
+from pyro_flowguide.train import (
     Callback,
     CheckpointMismatchError,
     EarlyStopping,
@@ -273,7 +273,7 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import io, sys, time, torch, pyro, pyro.distributions as dist
     from pyro.infer.autoguide import AutoNormal
-    from pyro_flowguide.infer import fit
+    from pyro_flowguide.train import fit
 
     real_save, calls = torch.save, []
 
@@ -341,7 +341,7 @@ def test_progress_bar_shows_the_loss(capfd):
 
 
 def test_defaults_follow_protocol_a():
-    optim = pfg.infer.default_optim(3000)
+    optim = pfg.train.default_optim(3000)
     torch_optim = optim.pt_optim_constructor
     assert torch_optim is pyro.optim.clipped_adam.ClippedAdam
     args = optim.pt_optim_args
@@ -387,14 +387,14 @@ def test_particle_count_follows_the_guide_unless_given():
 
 
 def test_learning_rate_schedule_follows_the_guide_unless_given():
-    class LastLearningRates(pfg.infer.Callback):
+    class LastLearningRates(pfg.train.Callback):
         def on_end(self, state):
             self.lrs = {g["lr"] for o in state.svi.optim.optim_objs.values() for g in o.param_groups}
 
     class SlowerGuide(AutoNormal):
         default_final_lr = 1e-4
 
-    for guide, final in ((AutoNormal(model), pfg.infer.DEFAULT_FINAL_LR), (SlowerGuide(model), 1e-4)):
+    for guide, final in ((AutoNormal(model), pfg.train.DEFAULT_FINAL_LR), (SlowerGuide(model), 1e-4)):
         pyro.clear_param_store()
         seen = LastLearningRates()
         fit(model, guide, DATA, steps=50, progress=False, callbacks=[seen])

@@ -8,7 +8,7 @@ import zuko
 from torch import nn
 
 import pyro_flowguide as pfg
-from pyro_flowguide import _made_score, guides
+from pyro_flowguide.guides import flow_guide as guides, stl as _made_score
 from pyro_flowguide.flows import SplineMAF
 
 

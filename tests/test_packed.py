@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from pyro_flowguide._packed import Packing
+from pyro_flowguide.guides.packing import Packing
 
 
 def _net() -> nn.Module:

@@ -41,7 +41,7 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from .infer import _max_plate_nesting, _trace_once
+from ..tracing import max_plate_nesting, trace_model_and_guide
 
 __all__ = ["PSISResult", "psis_diagnostic"]
 
@@ -216,7 +216,7 @@ def _latent_sites(trace):
 
 
 def _draw_vectorized(model, guide, args, kwargs, num_samples, proto_guide, proto_model) -> _Draws:
-    dim = -(_max_plate_nesting(proto_guide, proto_model) + 1)
+    dim = -(max_plate_nesting(proto_guide, proto_model) + 1)
     with poutine.block(), pyro.plate(_DRAWS_PLATE, num_samples, dim=dim):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
@@ -251,7 +251,7 @@ def _draw_sequential(model, guide, args, kwargs, num_samples, proto_model) -> _D
     samples: dict[str, list] = {}
     log_likelihood: dict[str, list] = {}
     for _ in range(num_samples):
-        guide_trace, model_trace = _trace_once(model, guide, args, kwargs)
+        guide_trace, model_trace = trace_model_and_guide(model, guide, args, kwargs)
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace = prune_subsample_sites(model_trace)
         log_joint.append(model_trace.log_prob_sum())
@@ -273,7 +273,7 @@ def _draw_sequential(model, guide, args, kwargs, num_samples, proto_model) -> _D
 def _draw(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_samples: int) -> _Draws:
     """Draws ``num_samples`` from the guide at once (one at a time if it cannot be vectorised)."""
     with torch.no_grad():
-        proto_guide, proto_model = _trace_once(model, guide, args, kwargs)
+        proto_guide, proto_model = trace_model_and_guide(model, guide, args, kwargs)
         try:
             return _draw_vectorized(model, guide, args, kwargs, num_samples, proto_guide, proto_model)
         except Exception as err:  # noqa: BLE001 - any failure under the plate

@@ -246,14 +246,14 @@ from torch import Tensor, nn
 from pyro.distributions import constraints
 from torch.distributions import Transform, biject_to
 
-from ._noncentered import auto_noncentered_sites, normal_of, run_noncentered
-from ._zuko import zuko
-from ._packed import Packing
-from .elbo import DEFAULT_ALPHA, RenyiDReG_ELBO
-from .flows import FlowSpec, get_flow
-from .infer import default_loss
-from ._made_score import draw_and_score, made_layers
-from .transforms import FlowTransform, _param_tuple, flow_transform
+from .noncentered import auto_noncentered_sites, normal_of, run_noncentered
+from .._zuko import zuko
+from .packing import Packing
+from ..train.losses import DEFAULT_ALPHA, RenyiDReG_ELBO
+from ..flows.registry import FlowSpec, get_flow
+from ..train.loop import default_loss
+from .stl import draw_and_score, made_layers
+from ..transforms import FlowTransform, _param_tuple, flow_transform
 
 __all__ = [
     "AutoFlowGuide",

@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._zuko import zuko
-from .flows import BoundedInputMAT, ScaledSpline
+from .._zuko import zuko
+from ..flows.registry import BoundedInputMAT, ScaledSpline
 
 __all__ = ["draw_and_score", "made_layers"]
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ._zuko import zuko
+from .._zuko import zuko
 
 __all__ = [
     "FlowSpec",

@@ -1,0 +1,14 @@
+"""Autoguides: the flow posterior over a model's continuous latents, and its amortized variant."""
+
+from .amortized import AutoAmortizedFlowGuide, local_psis_diagnostic, subsample_indices
+from .flow_guide import DEFAULT_FLOW, STL_MAX_DIM, AutoFlowGuide, GuideSetupError
+
+__all__ = [
+    "DEFAULT_FLOW",
+    "STL_MAX_DIM",
+    "AutoAmortizedFlowGuide",
+    "AutoFlowGuide",
+    "GuideSetupError",
+    "local_psis_diagnostic",
+    "subsample_indices",
+]

@@ -1,0 +1,28 @@
+"""Tracing a guide and its model: the one place the package does it."""
+
+from __future__ import annotations
+
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+
+__all__ = ["max_plate_nesting", "trace_model_and_guide"]
+
+
+def trace_model_and_guide(model, guide, args, kwargs):
+    """Traces the guide and the model replayed on it, once, hidden from outer handlers."""
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return guide_trace, model_trace
+
+
+def max_plate_nesting(*traces) -> int:
+    dims = [
+        frame.dim
+        for trace in traces
+        for site in prune_subsample_sites(trace).nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
