@@ -47,7 +47,7 @@ from sklearn.datasets import make_circles, make_moons
 from sklearn.preprocessing import StandardScaler
 
 from pyro_flowguide._zuko import zuko
-from pyro_flowguide.demo import sample_target, target_log_density
+from pyro_flowguide.examples import sample_target, target_log_density
 from pyro_flowguide.flows import base_distribution
 from pyro_flowguide.transforms import clear_flow_caches, flow_transform
 

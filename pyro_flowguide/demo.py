@@ -32,23 +32,13 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from .diagnostics import psis_diagnostic
+from .examples import banana, banana_draws, sample_target, target_log_density
 from .flows import base_distribution
 from .guides import AutoFlowGuide
 from .train import fit
 from .transforms import flow_transform
 
-__all__ = ["banana", "main", "posterior_demo", "sample_target", "target_log_density"]
-
-
-def banana() -> None:
-    """The banana posterior as a Pyro model with two scalar latent sites."""
-    z1 = pyro.sample("z1", dist.Normal(0.0, 10.0))
-    pyro.sample("z2", dist.Normal(0.03 * z1**2 - 3.0, 1.0))
-
-
-def _banana_exact(n: int, generator: torch.Generator) -> torch.Tensor:
-    z1 = 10.0 * torch.randn(n, generator=generator)
-    return torch.stack([z1, 0.03 * z1**2 - 3.0 + torch.randn(n, generator=generator)], -1)
+__all__ = ["main", "posterior_demo"]
 
 
 def _w1(draws: torch.Tensor, exact: torch.Tensor) -> float:
@@ -72,7 +62,7 @@ def posterior_demo(steps: int = 2000, seed: int = 0, verbose: bool = True) -> di
         For each guide name: ``w1``, ``khat``, ``ess_fraction``, the first word of
         the PSIS ``verdict`` and the fitting time ``seconds``.
     """
-    exact = _banana_exact(100_000, torch.Generator().manual_seed(12345))
+    exact = torch.as_tensor(banana_draws(100_000, np.random.default_rng(12345)), dtype=torch.float32)
     results = {}
     for name, make in (("AutoNormal", AutoNormal), ("AutoFlowGuide", AutoFlowGuide)):
         pyro.clear_param_store()
@@ -101,19 +91,6 @@ def posterior_demo(steps: int = 2000, seed: int = 0, verbose: bool = True) -> di
         print("   weights that barely vary, IS-ESS near 100%, make k-hat uninformative)")
         print()
     return results
-
-
-def sample_target(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` exact draws of ``(a, b)``, shape ``(n, 2)``."""
-    a = 1 + torch.rand(n, generator=generator)
-    b = a + a.sqrt() * torch.randn(n, generator=generator)
-    return torch.stack([a, b], dim=-1)
-
-
-def target_log_density(x: torch.Tensor) -> torch.Tensor:
-    """The exact log-density of ``(a, b)`` at the rows of ``x`` (``log U[1, 2] = 0``)."""
-    a, b = x[..., 0], x[..., 1]
-    return dist.Normal(a, a.sqrt()).log_prob(b)
 
 
 def main(steps: int = 500, seed: int = 0, verbose: bool = True) -> dict[str, float]:

@@ -29,7 +29,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_flowguide._zuko import zuko
-from pyro_flowguide.demo import sample_target, target_log_density
+from pyro_flowguide.examples import sample_target, target_log_density
 from pyro_flowguide.flows import base_distribution, flow_names, get_flow
 from pyro_flowguide.transforms import clear_flow_caches, flow_transform
 

@@ -11,19 +11,11 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
 
 import pyro_flowguide as pfg
+from pyro_flowguide.examples import banana, banana_log_density
 from pyro_flowguide.diagnostics import FLAT_LOG_WEIGHT_SD, PSISResult, psis_diagnostic
 from pyro_flowguide.train import fit
 
 torch.set_num_threads(1)
-
-
-def banana():
-    z1 = pyro.sample("z1", dist.Normal(0.0, 10.0))
-    pyro.sample("z2", dist.Normal(0.03 * z1**2 - 3.0, 1.0))
-
-
-def banana_log_density(z1, z2):
-    return dist.Normal(0.0, 10.0).log_prob(z1) + dist.Normal(0.03 * z1**2 - 3.0, 1.0).log_prob(z2)
 
 
 def test_log_weights_are_log_joint_minus_log_q():
