@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import pyro_flowguide as pfg  # noqa: E402
 from pyro_flowguide.train import default_loss, default_optim  # noqa: E402
+from pyro_flowguide.train.defaults import TRAINING_DEFAULTS, training_defaults  # noqa: E402
 
 
 def _rss_mb() -> float:
@@ -68,7 +69,8 @@ def time_steps(sizes: list[int], batch: int, steps: int, warmup: int, seed: int 
     # A throw-away run first, so one-time allocations (imports, kernels) land in no row.
     warm = pfg.AutoAmortizedFlowGuide(model, amortized={"z": lambda x, batch_size=None: x}, **guide_kwargs)
     warm._pyro_name = "guide_warm"
-    particles, final_lr = warm.default_num_particles, warm.default_final_lr  # fit's defaults for it
+    defaults = training_defaults(warm)  # fit's defaults for it
+    particles, final_lr = defaults.num_particles, defaults.final_lr
     warm_svi = pyro.infer.SVI(model, warm, default_optim(), default_loss(particles, True, 1))
     for _ in range(3):
         warm_svi.step(torch.randn(1000), batch)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     flow = None if args.flow.lower() == "none" else args.flow
     rows = time_steps([int(n) for n in args.sizes.split(",")], args.batch, args.steps, args.warmup, flow=flow)
     base = rows[0]["ms"]
-    particles = pfg.AutoAmortizedFlowGuide.default_num_particles
+    particles = TRAINING_DEFAULTS[pfg.AutoAmortizedFlowGuide].num_particles
     print(f"AutoAmortizedFlowGuide(flow={flow!r}), batch {args.batch}, {particles} vectorised particles, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
     print("| N | ms/step | vs first | RSS data + set-up (MB) | RSS growth over all timed steps (MB) | Pyro randperm(N) ms |")

@@ -2,7 +2,7 @@ r"""What ``pyro_flowguide.fit`` costs over a bare ``svi.step`` loop, and whether
 
 Overhead (default): for each target and guide, the same number of steps with
 the same settings (4 vectorised particles of the loss ``fit`` picks for the
-guide: ``Trace_ELBO``, or ``AutoFlowGuide.default_loss``'s Rényi bound;
+guide: ``Trace_ELBO``, or the loss ``fit`` picks for it (``pyro_flowguide.train.defaults``);
 ``ClippedAdam(lr=1e-2, clip_norm=10)`` decayed to the guide's final lr) run three ways, each
 from a fresh param store and the same seed, interleaved over several repeats (the order rotating from one repeat to the next):
 
@@ -45,7 +45,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import pyro_flowguide as pfg  # noqa: E402
 from benchmarks.targets import get_target  # noqa: E402
-from pyro_flowguide.train import DEFAULT_FINAL_LR, ProgressBar, default_loss, default_optim, fit  # noqa: E402
+from pyro_flowguide.train import ProgressBar, default_optim, fit  # noqa: E402
+from pyro_flowguide.train.defaults import training_defaults  # noqa: E402
 
 GUIDES = {
     "autonormal": lambda model: AutoNormal(model),
@@ -64,13 +65,11 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
 
 def _bare(model, guide, steps: int, max_plate_nesting: int) -> tuple[float, float]:
     t = _clock()
-    if callable(getattr(guide, "default_loss", None)):
-        # the loss fit() picks for this guide (AutoFlowGuide: a Rényi bound), set up as fit does
-        guide()
-        loss = guide.default_loss(4, True, max_plate_nesting)
-    else:
-        loss = default_loss(4, True, max_plate_nesting)
-    svi = SVI(model, guide, default_optim(steps, getattr(guide, "default_final_lr", DEFAULT_FINAL_LR)), loss)
+    # the loss and schedule fit() picks for this guide, set up as fit does
+    defaults = training_defaults(guide)
+    guide()
+    loss = defaults.loss(guide, 4, True, max_plate_nesting)
+    svi = SVI(model, guide, default_optim(steps, defaults.final_lr), loss)
     for _ in range(steps):
         svi.step()
     return _since(t)

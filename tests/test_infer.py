@@ -367,7 +367,6 @@ def test_falls_back_to_sequential_particles_with_one_warning():
 def test_particle_count_follows_the_guide_unless_given():
     guide = pfg.AutoFlowGuide(model)
     result = fit(model, guide, DATA, steps=2, progress=False)
-    assert guide.default_num_particles == 32
     assert result.num_particles == 32 and result.vectorized is True
     pyro.clear_param_store()
     result = fit(model, pfg.AutoFlowGuide(model), DATA, steps=2, num_particles=3, progress=False)
@@ -386,22 +385,25 @@ def test_particle_count_follows_the_guide_unless_given():
     assert result.num_particles == 4 and result.vectorized is False
 
 
-def test_learning_rate_schedule_follows_the_guide_unless_given():
+def test_learning_rate_schedule_follows_the_guide_unless_given(monkeypatch):
+    from pyro_flowguide.train.defaults import TRAINING_DEFAULTS, TrainingDefaults, training_defaults
+
     class LastLearningRates(pfg.train.Callback):
         def on_end(self, state):
             self.lrs = {g["lr"] for o in state.svi.optim.optim_objs.values() for g in o.param_groups}
 
     class SlowerGuide(AutoNormal):
-        default_final_lr = 1e-4
+        pass
 
+    monkeypatch.setitem(TRAINING_DEFAULTS, SlowerGuide, TrainingDefaults(final_lr=1e-4))
     for guide, final in ((AutoNormal(model), pfg.train.DEFAULT_FINAL_LR), (SlowerGuide(model), 1e-4)):
         pyro.clear_param_store()
         seen = LastLearningRates()
         fit(model, guide, DATA, steps=50, progress=False, callbacks=[seen])
         assert len(seen.lrs) == 1 and math.isclose(seen.lrs.pop(), final, rel_tol=1e-6)
-    assert pfg.AutoAmortizedFlowGuide.default_final_lr == 1e-4
-    assert pfg.AutoFlowGuide.default_final_lr == 3e-4
-    assert pfg.AutoAmortizedFlowGuide.default_num_particles == 8
+    amortized = TRAINING_DEFAULTS[pfg.AutoAmortizedFlowGuide]
+    assert (amortized.final_lr, amortized.num_particles) == (1e-4, 8)
+    assert training_defaults(pfg.AutoFlowGuide(model)).final_lr == 3e-4
 
 
 def test_result_plot_and_repr():

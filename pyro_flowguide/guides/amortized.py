@@ -373,21 +373,6 @@ class AutoAmortizedFlowGuide(AutoGuide):
         torch.Size([100, 2])
     """
 
-    #: What :func:`pyro_flowguide.fit` uses with this guide unless told
-    #: otherwise: 8 vectorised particles per step and a learning rate decayed
-    #: to 1e-4 (``fit``'s general defaults are 4 and 1e-3). Chosen on the
-    #: bimodal local posteriors of ``tests/test_amortized.py`` (z ~ N(0, 1),
-    #: x | z ~ N(z^2, 0.5), 3000 steps of batches of 256 out of 5000): a
-    #: posterior with two modes far apart gives reverse KL little signal about
-    #: their weights, so Adam's noisy late steps leave the weights wherever
-    #: they drift. Worst W1/sd over x in {-0.5, 0.5, 1, 1.5}, training seeds
-    #: 0-4: 0.29, 0.17, 0.04, 0.15, 0.08 with 4 particles and 1e-3; 0.035, 0.086,
-    #: 0.038, 0.043, 0.071 with 8 and 1e-4; 4 particles with 1e-4 (0.067,
-    #: 0.186) and 16 with 1e-4 (0.122, 0.061, 0.054) were each worse on some
-    #: seed. Pass ``num_particles`` to ``fit`` where a step's batch is large.
-    default_num_particles = 8
-    default_final_lr = 1e-4
-
     def __init__(
         self,
         model: Callable,

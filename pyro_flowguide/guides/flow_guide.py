@@ -237,7 +237,6 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.distributions.util import sum_rightmost
@@ -249,9 +248,7 @@ from torch.distributions import Transform, biject_to
 from .noncentered import auto_noncentered_sites, normal_of, run_noncentered
 from .._zuko import zuko
 from .packing import Packing
-from ..train.losses import DEFAULT_ALPHA, RenyiDReG_ELBO
 from ..flows.registry import FlowSpec, get_flow
-from ..train.loop import default_loss
 from .stl import draw_and_score, made_layers
 from ..transforms import FlowTransform, _param_tuple, flow_transform
 
@@ -621,66 +618,14 @@ class AutoFlowGuide(AutoContinuous):
     _refused_support = None
     #: The sites given to the flow in non-centred coordinates (set on set-up).
     noncentered_sites: tuple[str, ...] = ()
-    #: Particles per step that :func:`pyro_flowguide.fit` uses by default with
-    #: this guide (protocol A uses 4). Mean w1 over seeds 0-2 at 4 / 16 / 32
-    #: vectorised particles: banana 0.047 / 0.035 / 0.032 (2000 exact draws
-    #: score 0.032), mixture 0.058 / 0.046 / 0.042; funnel 0.054 / 0.044 / -,
-    #: eight schools 0.054 / 0.042 / 0.034 (seeds 0-1), logistic regression
-    #: 0.038 / 0.034 / - (all with the ELBO). Through ``fit``, with 32 and
-    #: its Rényi bound (``benchmarks/posteriors.py --trainer fit``): 0.035,
-    #: 0.033, 0.036, 0.040 and 0.031. A step costs
-    #: 0.99-1.08x as much with 32 particles as with 4 on the four targets of
-    #: D <= 10 and 1.5x on the 25-D logistic regression, where the STL score's
-    #: batched backward grew with particles x D (1.4x with the closed-form
-    #: score, whose per-draw Jacobians and solves grow too; ``benchmarks/step_time.py
-    #: --guides autoflow --particles 4,32``): the networks are small, so a step
-    #: is mostly fixed overhead. On a model with much data per step, pass
-    #: ``num_particles`` to ``fit``.
-    default_num_particles = 32
-    #: Final learning rate of :func:`pyro_flowguide.fit`'s schedule with this
-    #: guide (protocol A ends at 1e-3): with the Rényi bound it trains on
-    #: (:meth:`default_loss`), 3e-4 steadied how a mixture's modes share the
-    #: mass (mean w1 over seeds 0-2: 0.049 -> 0.033) and lowered eight schools'
-    #: k-hat (0.75 -> 0.60), for banana 0.032 -> 0.035 (figures in
-    #: :mod:`pyro_flowguide.elbo`).
-    default_final_lr = 3e-4
-
     @property
     def path_derivative_log_density(self) -> bool:
         """Whether the log-densities this guide reports carry gradient along the sampling path only.
 
-        True with ``estimator="stl"``; :class:`~pyro_flowguide.elbo.RenyiDReG_ELBO`
+        True with ``estimator="stl"``; :class:`~pyro_flowguide.train.RenyiDReG_ELBO`
         needs it.
         """
         return self.estimator == "stl"
-
-    def default_loss(
-        self, num_particles: int, vectorize_particles: bool, max_plate_nesting: float
-    ) -> Trace_ELBO:
-        """The loss :func:`pyro_flowguide.fit` uses with this guide unless given one.
-
-        With sticking the landing (``estimator="stl"``) and every site
-        centred: the Rényi bound of order
-        :data:`~pyro_flowguide.elbo.DEFAULT_ALPHA` with its
-        doubly-reparameterised gradient, which at the same cost per step
-        lowered PSIS k-hat on the mixture (0.70 -> 0.47) and on centred eight
-        schools (0.72 -> 0.60, with :attr:`default_final_lr`) at about the
-        ELBO's w1 (figures in :mod:`pyro_flowguide.elbo`). Otherwise
-        ``Trace_ELBO``: with :attr:`noncentered_sites` the posterior the flow
-        sees is near-Gaussian, and the ELBO did as well or better there (32
-        particles, final lr 3e-4, seeds 0-2, w1 / k-hat, Rényi -> ELBO):
-        eight schools 0.032 / 0.52 -> 0.033 / 0.42 (k-hat from 20,000 draws
-        0.52 -> 0.43), banana 0.026 / 0.29 -> 0.026 / 0.33, funnel 0.038 /
-        0.22 -> 0.038 / 0.22. Call after the guide is set up (after one call).
-        """
-        if not self.path_derivative_log_density or self.noncentered_sites:
-            return default_loss(num_particles, vectorize_particles, max_plate_nesting)
-        return RenyiDReG_ELBO(
-            DEFAULT_ALPHA,
-            num_particles=num_particles,
-            vectorize_particles=vectorize_particles and num_particles > 1,
-            max_plate_nesting=max_plate_nesting,
-        )
 
     # ---------------------------------------------------------------- set-up
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -48,13 +49,24 @@ import pyro
 import pyro.util
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI
 from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 from pyro.optim.optim import _load_state_dict
-from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
+from .defaults import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_CLIP_NORM,
+    DEFAULT_FINAL_LR,
+    DEFAULT_LR,
+    DEFAULT_MAX_BAD_STEPS,
+    DEFAULT_NUM_PARTICLES,
+    DEFAULT_STEPS,
+    default_loss,
+    default_optim,
+    training_defaults,
+)
 from ..tracing import max_plate_nesting, trace_model_and_guide
 from ..transforms import flow_cache_clearers
 
@@ -83,19 +95,6 @@ __all__ = [
     "load_checkpoint",
 ]
 
-# Protocol A of BASELINES.md: ClippedAdam, lr 1e-2 decayed geometrically to
-# 1e-3 over the run, element-wise clipping at 10, 4 vectorised particles (or
-# the guide's ``default_num_particles``, ``default_final_lr`` and ``default_loss``:
-# AutoFlowGuide asks for 32 particles, a final lr of 3e-4 and, when every site
-# is centred, a Rényi bound; AutoAmortizedFlowGuide for 8 particles and a final
-# lr of 1e-4).
-DEFAULT_STEPS = 3000
-DEFAULT_LR = 1e-2
-DEFAULT_FINAL_LR = 1e-3
-DEFAULT_CLIP_NORM = 10.0
-DEFAULT_NUM_PARTICLES = 4
-DEFAULT_CHECKPOINT_EVERY = 500
-DEFAULT_MAX_BAD_STEPS = 20
 #: Weight of the newest loss in the exponential moving average shown and monitored.
 LOSS_SMOOTHING = 0.02
 
@@ -637,28 +636,6 @@ class FitResult:
 # --------------------------------------------------------------------------- defaults
 
 
-def default_optim(steps: int = DEFAULT_STEPS, final_lr: float = DEFAULT_FINAL_LR) -> PyroOptim:
-    """``ClippedAdam`` with lr :data:`DEFAULT_LR` decayed geometrically to ``final_lr`` over ``steps``."""
-    lrd = (final_lr / DEFAULT_LR) ** (1.0 / max(int(steps), 1))
-    return pyro.optim.ClippedAdam({"lr": DEFAULT_LR, "clip_norm": DEFAULT_CLIP_NORM, "lrd": lrd})
-
-
-def default_loss(
-    num_particles: int = DEFAULT_NUM_PARTICLES,
-    vectorize_particles: bool = True,
-    max_plate_nesting: int | None = None,
-) -> Trace_ELBO:
-    """``Trace_ELBO`` with ``num_particles`` particles (under an outer plate when ``vectorize_particles``).
-
-    ``max_plate_nesting=None`` lets Pyro guess it on the first step.
-    """
-    return Trace_ELBO(
-        num_particles=num_particles,
-        vectorize_particles=vectorize_particles and num_particles > 1,
-        max_plate_nesting=float("inf") if max_plate_nesting is None else max_plate_nesting,
-    )
-
-
 def _first_line(err: BaseException, limit: int = 300) -> str:
     text = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -674,12 +651,9 @@ def _choose_loss(model, guide, args, kwargs, num_particles: int | None, vectoriz
     max_plate_nesting = _setup(model, guide, args, kwargs)
     sequential = num_particles  # as many as asked for, or at most the default: each is a full pass
     if num_particles is None:
-        num_particles = int(getattr(guide, "default_num_particles", DEFAULT_NUM_PARTICLES))
+        num_particles = training_defaults(guide).num_particles
         sequential = min(num_particles, DEFAULT_NUM_PARTICLES)
-    # A guide may name its own loss (AutoFlowGuide: a Rényi bound, see its default_loss).
-    make = getattr(guide, "default_loss", None)
-    if not callable(make):
-        make = default_loss
+    make = functools.partial(training_defaults(guide).loss, guide)
     if not (vectorize and num_particles > 1):
         return make(sequential, False, max_plate_nesting), False
     loss = make(num_particles, True, max_plate_nesting)
@@ -867,7 +841,7 @@ def fit(
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=<path> to resume from")
     if optim is None:
-        optim = default_optim(steps, float(getattr(guide, "default_final_lr", DEFAULT_FINAL_LR)))
+        optim = default_optim(steps, training_defaults(guide).final_lr)
     elif not isinstance(optim, PyroOptim):
         raise TypeError(
             f"optim must be a pyro.optim optimiser, got {type(optim).__name__}; wrap a torch "
