@@ -43,19 +43,24 @@ from torch import Tensor
 
 from ..tracing import max_plate_nesting, trace_model_and_guide
 
-__all__ = ["PSISResult", "psis_diagnostic"]
+__all__ = ["FLAT_LOG_WEIGHT_SD", "PSISResult", "pareto_smooth", "psis_diagnostic"]
 
 _DRAWS_PLATE = "_psis_draws"
 # Log weights varying less than this (float32 rounding of log densities) count as constant.
 _CONSTANT_WEIGHTS = 1e-4
 
 
-def _pareto_smooth(log_weights: np.ndarray) -> tuple[np.ndarray, float]:
-    """PSIS-smoothed, normalised log weights and k-hat (the one place ArviZ's PSIS is called)."""
+def pareto_smooth(log_weights: np.ndarray) -> tuple[np.ndarray, float | np.ndarray]:
+    """PSIS-smoothed, normalised log weights and k-hat (the one place ArviZ's PSIS is called).
+
+    ``log_weights`` has the draws on its last axis; k-hat is a float for one
+    set of weights and an array (one per leading index) otherwise.
+    """
     import arviz as az
 
     smoothed, khat = az.psislw(np.asarray(log_weights, dtype=np.float64))
-    return np.asarray(smoothed), float(khat)
+    khat = np.asarray(khat)
+    return np.asarray(smoothed), float(khat) if khat.ndim == 0 else khat
 
 
 #: Below this standard deviation of the log weights, every draw's weight is
@@ -339,7 +344,7 @@ def _psis_from_draws(draws: _Draws) -> PSISResult:
         # Constant weights (up to rounding): the guide is the posterior; a Pareto fit is undefined.
         smoothed, khat = torch.full_like(lw, -math.log(num_samples)), -math.inf
     else:
-        smoothed, khat = _pareto_smooth(lw.numpy())
+        smoothed, khat = pareto_smooth(lw.numpy())
         smoothed = torch.from_numpy(smoothed)
     ess = float(1.0 / smoothed.exp().pow(2).sum())  # smoothed weights are normalised
     lse = torch.logsumexp(lw, 0)

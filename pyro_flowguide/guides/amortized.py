@@ -802,7 +802,7 @@ def local_psis_diagnostic(
         >>> # result = local_psis_diagnostic(model, guide, x_test, num_samples=500)
         >>> # (result.khat > 0.7).float().mean()  # share of data the guide fits poorly
     """
-    import arviz as az
+    from ..diagnostics.psis import pareto_smooth
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2, got {num_samples}")
@@ -845,7 +845,7 @@ def local_psis_diagnostic(
         if in_plate(site):
             log_w = log_w - _per_datum(site["log_prob"], nesting, plate_dim)
     log_w = log_w.expand(num_samples, log_w.shape[-1]).double()
-    _, khat = az.psislw(log_w.T.cpu().numpy())
+    _, khat = pareto_smooth(log_w.T.cpu().numpy())
     log_evidence = torch.logsumexp(log_w, 0) - math.log(num_samples)
     return LocalPSISResult(
         khat=torch.as_tensor(khat),
