@@ -43,20 +43,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import pyro_flowguide as pfg  # noqa: E402
+from benchmarks.memory import rss_mb  # noqa: E402
+from pyro_flowguide.examples import local_linear as model  # noqa: E402
 from pyro_flowguide.train import default_loss, default_optim  # noqa: E402
 from pyro_flowguide.train.defaults import TRAINING_DEFAULTS, training_defaults  # noqa: E402
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def model(x: torch.Tensor, batch_size: int | None = None) -> None:
-    with pyro.plate("data", len(x), subsample_size=batch_size) as idx:
-        z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        pyro.sample("x", dist.Normal(2 * z + 1, 0.5), obs=x[idx])
 
 
 def time_steps(sizes: list[int], batch: int, steps: int, warmup: int, seed: int = 0, **guide_kwargs) -> list[dict]:
@@ -78,7 +68,7 @@ def time_steps(sizes: list[int], batch: int, steps: int, warmup: int, seed: int 
     for n in sizes:
         pyro.set_rng_seed(seed)
         gc.collect()
-        rss0 = _rss_mb()
+        rss0 = rss_mb()
         x = 2 * torch.randn(n) + 1
         guide = pfg.AutoAmortizedFlowGuide(model, amortized={"z": lambda x, batch_size=None: x}, **guide_kwargs)
         # One param-store prefix per size, so the guides train side by side.
@@ -89,8 +79,8 @@ def time_steps(sizes: list[int], batch: int, steps: int, warmup: int, seed: int 
             pfg.transforms.clear_flow_caches(guide)
         gc.collect()
         runs.append({"n": n, "x": x, "guide": guide, "svi": svi, "times": [],
-                     "rss_data_setup_mb": _rss_mb() - rss0})
-    rss1 = _rss_mb()
+                     "rss_data_setup_mb": rss_mb() - rss0})
+    rss1 = rss_mb()
     chunk = 10
     for _ in range(0, steps, chunk):
         for run in runs:
@@ -100,7 +90,7 @@ def time_steps(sizes: list[int], batch: int, steps: int, warmup: int, seed: int 
                 pfg.transforms.clear_flow_caches(run["guide"])
                 run["times"].append(time.perf_counter() - t)
     gc.collect()
-    growth = _rss_mb() - rss1
+    growth = rss_mb() - rss1
     rows = []
     for run in runs:
         n = run["n"]

@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyro_flowguide as pfg  # noqa: E402
+from benchmarks.memory import rss_mb  # noqa: E402
 from benchmarks.targets import get_target  # noqa: E402
 from pyro_flowguide.train import ProgressBar, default_optim, fit  # noqa: E402
 from pyro_flowguide.train.defaults import training_defaults  # noqa: E402
@@ -125,25 +126,17 @@ def overhead(targets: list[str], guides: list[str], steps: int, repeats: int, se
             )
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def memory(steps: int, seed: int) -> None:
     torch.set_num_threads(1)
     target = get_target("banana")
     pyro.clear_param_store()
     guide = pfg.AutoFlowGuide(target.model)
     fit(target.model, guide, steps=500, progress=False, seed=seed)
-    before = _rss_mb()
+    before = rss_mb()
     t = time.perf_counter()
     result = fit(target.model, guide, steps=steps, progress=False)
     wall = time.perf_counter() - t
-    after = _rss_mb()
+    after = rss_mb()
     print(
         f"fit, AutoFlowGuide (default flow) on banana: {result.steps} steps in {wall:.0f} s; "
         f"RSS {before:.1f} MB -> {after:.1f} MB, grew {after - before:+.2f} MB (target < 20 MB)"

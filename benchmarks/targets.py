@@ -34,13 +34,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import arviz as az
 import numpy as np
-import pyro
-import pyro.distributions as dist
 import torch
 from scipy.stats import wasserstein_distance
 
+from pyro_flowguide.diagnostics import pareto_smooth
 from pyro_flowguide.examples import (
     EIGHT_SCHOOLS_SIGMA,
     EIGHT_SCHOOLS_Y,
@@ -53,7 +51,6 @@ from pyro_flowguide.examples import (
     logreg,
     logreg_data,
     mog2d,
-    mog2d_distribution,
 )
 
 __all__ = [
@@ -247,7 +244,7 @@ def metrics(
         * ``w1_per_coord``: those per-coordinate values;
         * ``std_ratio``: per-coordinate std of the guide over the reference;
           ``std_ratio_min``: its minimum;
-        * ``khat``: PSIS Pareto :math:`\hat k` (``arviz.psislw``), and
+        * ``khat``: PSIS Pareto :math:`\hat k` (``pyro_flowguide.diagnostics.pareto_smooth``), and
           ``is_ess_frac``: importance ESS :math:`(\sum w)^2 / \sum w^2` of the raw
           weights divided by ``n``. Both ``nan`` without ``log_weights``.
 
@@ -287,7 +284,7 @@ def metrics(
             # a -inf weight is a draw the model rules out: weight zero; nan/+inf is a bug upstream
             if np.isnan(lw).any() or np.isposinf(lw).any():
                 raise ValueError("log_weights contain nan or +inf")
-        _, khat = az.psislw(lw[finite].copy())
+        _, khat = pareto_smooth(lw[finite].copy())
         w = np.exp(lw - lw.max())
         out["khat"] = float(khat)
         out["is_ess_frac"] = float(w.sum() ** 2 / (w**2).sum() / lw.size)

@@ -4,14 +4,20 @@ __version__ = "0.1.0"
 
 from . import bijections  # registers biject_to for lower-Cholesky and positive-definite supports
 from . import diagnostics, flows, guides, train, transforms
-from .diagnostics import PSISResult, psis_diagnostic, to_inference_data
+from .diagnostics import (
+    LocalPSISResult,
+    PSISResult,
+    local_psis_diagnostic,
+    pareto_smooth,
+    psis_diagnostic,
+    to_inference_data,
+)
 from .flows import FLOWS, FlowSpec, UnknownFlowError, flow_names, get_flow
 from .guides import (
     DEFAULT_FLOW,
     AutoAmortizedFlowGuide,
     AutoFlowGuide,
     GuideSetupError,
-    local_psis_diagnostic,
 )
 from .train import (
     Callback,
@@ -21,6 +27,7 @@ from .train import (
     DensityFit,
     EarlyStopping,
     FitResult,
+    GuardedSVI,
     NonFiniteGuard,
     NonFiniteLossError,
     ProgressBar,
@@ -39,6 +46,8 @@ __all__ = [
     "DensityFit",
     "EarlyStopping",
     "FitResult",
+    "GuardedSVI",
+    "LocalPSISResult",
     "NonFiniteGuard",
     "NonFiniteLossError",
     "PSISResult",
@@ -49,6 +58,7 @@ __all__ = [
     "fit_density",
     "load_checkpoint",
     "local_psis_diagnostic",
+    "pareto_smooth",
     "psis_diagnostic",
     "to_inference_data",
     "AutoAmortizedFlowGuide",

@@ -19,6 +19,7 @@ __all__ = [
     "funnel10",
     "linear_regression",
     "linear_regression_data",
+    "local_linear",
     "logreg",
     "logreg_data",
     "mog2d",
@@ -195,3 +196,14 @@ def target_log_density(x: torch.Tensor) -> torch.Tensor:
     """The exact log-density of ``(a, b)`` at the rows of ``x`` (``log U[1, 2] = 0``)."""
     a, b = x[..., 0], x[..., 1]
     return dist.Normal(a, a.sqrt()).log_prob(b)
+
+
+def local_linear(x: torch.Tensor, batch_size: int | None = None) -> None:
+    r"""One local latent per datum: :math:`z_n \sim N(0, 1)`, :math:`x_n \sim N(2 z_n + 1, 0.5^2)`.
+
+    Sites ``z`` and observed ``x`` in plate ``data``, subsampled to ``batch_size``
+    (the amortized guide's benchmark model).
+    """
+    with pyro.plate("data", len(x), subsample_size=batch_size) as idx:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(2 * z + 1, 0.5), obs=x[idx])

@@ -17,6 +17,16 @@ def trace_model_and_guide(model, guide, args, kwargs):
 
 
 def max_plate_nesting(*traces) -> int:
+    """How many batch dimensions the vectorised plates of ``traces`` use (0 without plates).
+
+    Example:
+        >>> import pyro, torch, pyro.distributions as dist
+        >>> def model():
+        ...     with pyro.plate("a", 3), pyro.plate("b", 2):
+        ...         pyro.sample("x", dist.Normal(torch.zeros(2, 3), 1.0))
+        >>> max_plate_nesting(*trace_model_and_guide(model, lambda: None, (), {}))
+        2
+    """
     dims = [
         frame.dim
         for trace in traces

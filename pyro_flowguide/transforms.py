@@ -17,18 +17,15 @@ autoregressive family Zuko's normalising map is one network pass, so:
 
 Coupling, element-wise and continuous families cost the same both ways.
 
-Cache. The value and ``log|det J|`` of the last call (either way) are kept in a
-one-entry cache, so ``log_abs_det_jacobian(x, y)`` after ``y = T(x)`` (or after
-``x = T.inv(y)``) costs nothing and ``T.inv(y)`` of a value just produced does
-not invert anything. The entry is tied to the parameters' version counters:
-after an optimiser step it is ignored, never served stale. :meth:`clear_cache`
-drops it (and the graph it holds); training loops call it every step.
+Cache. The value and ``log|det J|`` of the last call (either way) are kept, so
+``log_abs_det_jacobian`` and ``inv`` of a pair just produced cost nothing. The
+entry is tied to the parameters' version counters (never served after an
+optimiser step); :func:`clear_flow_caches` drops it and the graph it holds.
 
 Example:
     >>> import torch, pyro.distributions as dist
     >>> T = flow_transform("MAF", features=2, direction="density")
-    >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
-    >>> flow = dist.TransformedDistribution(base, [T])
+    >>> flow = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [T])
     >>> flow.log_prob(torch.randn(5, 2)).shape
     torch.Size([5])
 """
@@ -44,7 +41,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from ._zuko import zuko
-from .flows.registry import FlowSpec, get_flow
+from .flows.registry import FlowSpec, resolve_flow
 
 __all__ = [
     "ConditionalFlowTransform",
@@ -52,6 +49,7 @@ __all__ = [
     "clear_flow_caches",
     "flow_cache_clearers",
     "flow_transform",
+    "param_tuple",
     "zero_output_layers",
 ]
 
@@ -63,7 +61,8 @@ def _check_direction(direction: str) -> None:
         raise ValueError(f"direction must be 'sample' or 'density', got {direction!r}")
 
 
-def _param_tuple(module: nn.Module) -> tuple[Tensor, ...]:
+def param_tuple(module: nn.Module) -> tuple[Tensor, ...]:
+    """``tuple(module.parameters())``, kept until the module is moved or a parameter replaced."""
     # Walking the module tree costs more than the flow itself at small sizes,
     # so the tuple is kept until the module is moved or cast (_apply) or one of
     # its parameters is replaced in place, as pyro.module(...,
@@ -211,7 +210,7 @@ class FlowTransform(_OnePassMixin, TransformModule):
         return self.lazy(None)
 
     def _params(self) -> tuple[Tensor, ...]:
-        return _param_tuple(self)
+        return param_tuple(self)
 
     def _apply(self, *args: Any, **kwargs: Any):
         self.__dict__.pop("_param_tuple", None)
@@ -243,7 +242,7 @@ class _ConditionedFlowTransform(_OnePassMixin, Transform):
         return self.parent.lazy(self.context)
 
     def _params(self) -> tuple[Tensor, ...]:
-        return _param_tuple(self.parent)
+        return param_tuple(self.parent)
 
     def forward_shape(self, shape):
         return shape
@@ -383,21 +382,19 @@ def flow_transform(
         raise ValueError(f"features must be a positive integer, got {features!r}")
     if not isinstance(context, int) or context < 0:
         raise ValueError(f"context must be a non-negative integer, got {context!r}")
-    spec: FlowSpec | None = None
-    if isinstance(flow, str):
-        spec = get_flow(flow)
+    resolved = resolve_flow(flow)
+    spec = resolved.spec
+    if resolved.kind == "name":
         lazy = spec.make(features, context, **hyper).transform
-    elif isinstance(flow, type) and issubclass(flow, zuko.lazy.Flow):
-        spec = _spec_of_class(flow)
+    elif resolved.kind == "class":
         defaults = dict(spec.defaults) if spec is not None else {}
         lazy = flow(features, context, **{**defaults, **hyper}).transform
-    elif isinstance(flow, (zuko.lazy.Flow, zuko.lazy.LazyTransform)):
+    elif resolved.kind == "instance":
         if hyper:
             raise TypeError(
                 f"hyper-parameters {sorted(hyper)} cannot be applied to an already built "
                 f"{type(flow).__name__}; pass a registry name or the class instead"
             )
-        spec = _spec_of_class(type(flow))
         lazy = flow.transform if isinstance(flow, zuko.lazy.Flow) else flow
     else:
         raise TypeError(
@@ -415,13 +412,6 @@ def flow_transform(
     if context > 0:
         return ConditionalFlowTransform(lazy, features, context, direction, spec)
     return FlowTransform(lazy, features, direction, spec)
-
-
-def _spec_of_class(cls: type) -> FlowSpec | None:
-    try:
-        return get_flow(cls.__name__)
-    except ValueError:
-        return None
 
 
 def flow_cache_clearers(module: nn.Module) -> list:

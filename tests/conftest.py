@@ -15,3 +15,14 @@ def _fresh_state():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+#: Flow families whose cases take seconds each (an ODE solve, or an inverse by
+#: bisection): their parametrised cases run in the full suite, not in `-m "not slow"`.
+SLOW_FAMILIES = frozenset({"CNF", "UNAF", "NAF", "BPF"})
+
+
+def family_case(name, *values):
+    """A parametrisation entry for a flow family, marked slow for :data:`SLOW_FAMILIES`."""
+    args = (name, *values)
+    return pytest.param(*args, marks=pytest.mark.slow) if name in SLOW_FAMILIES else args

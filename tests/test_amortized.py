@@ -14,7 +14,8 @@ from pyro.infer import Predictive
 
 import pyro_flowguide as pfg
 from pyro_flowguide import AutoAmortizedFlowGuide, GuideSetupError
-from pyro_flowguide.guides import local_psis_diagnostic, subsample_indices
+from pyro_flowguide.diagnostics.local import local_psis_diagnostic
+from pyro_flowguide.guides import subsample_indices
 
 SMALL = {"hidden_features": (16, 16), "transforms": 2, "encoder_features": (16, 16)}
 
@@ -237,6 +238,7 @@ def test_save_load_gives_identical_samples():
     assert torch.equal(fresh.sample_posterior(10, x_new)["z"], expected)
 
 
+@pytest.mark.slow
 def test_predictive_on_new_data_arviz_and_psis():
     x = linear_data(300)
     guide = AutoAmortizedFlowGuide(linear_model, amortized={"z": context}, **SMALL)
@@ -244,7 +246,7 @@ def test_predictive_on_new_data_arviz_and_psis():
     x_new = torch.linspace(-3, 5, 11)
     pred = Predictive(linear_model, guide=guide, num_samples=50, parallel=True)(x_new)
     assert pred["z"].shape == (50, 11) and pred["x"].shape == (50, 11)
-    idata = pfg.to_inference_data(guide, linear_model, x_new, num_samples=40)
+    idata = pfg.to_inference_data(linear_model, guide, x_new, num_samples=40)
     assert idata.posterior["z"].dims == ("chain", "draw", "data")
     assert idata.log_likelihood["x"].shape == (1, 40, 11)
     psis = pfg.psis_diagnostic(linear_model, guide, x_new, num_samples=100)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import sys
 from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import pytest
+from conftest import family_case
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
@@ -34,6 +34,8 @@ from pyro_flowguide.flows import base_distribution, flow_names, get_flow
 from pyro_flowguide.transforms import clear_flow_caches, flow_transform
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
+
+from benchmarks.memory import HAS_PROC, rss_mb  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -103,7 +105,7 @@ def test_families_that_are_not_densities_are_refused():
     flow_transform("GF", 2, direction="sample")  # as a guide it is a proper pushforward
 
 
-@pytest.mark.parametrize("name", DENSITY_FAMILIES)
+@pytest.mark.parametrize("name", [family_case(n) for n in DENSITY_FAMILIES])
 def test_every_density_integrates_to_one(name):
     spec = get_flow(name)
     T = flow_transform(name, 2, direction="density").double()
@@ -237,21 +239,16 @@ def test_conditional_spline_flow_learns_b_given_a():
 # Memory (acceptance 6)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="needs /proc")
 def test_memory_is_flat_over_5000_svi_steps():
     T = flow_transform("MAF", 2, direction="density", transforms=2, hidden_features=(16, 16))
     flow = dist.TransformedDistribution(base_distribution("real", 2), [T])
     data = torch.randn(2000, 2) * torch.tensor([1.0, 0.3])
     _fit_svi(flow, T, data, steps=200, lr=1e-3, batch=32, decay=1)  # allocator pools settle
     gc.collect()
-    before = _rss_mb()
+    before = rss_mb()
     _fit_svi(flow, T, data, steps=5000, lr=1e-3, batch=32, decay=1)
     gc.collect()
-    grown = _rss_mb() - before
+    grown = rss_mb() - before
     assert grown < 20, f"RSS grew by {grown:.1f} MB over 5000 SVI steps"

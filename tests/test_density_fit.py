@@ -62,6 +62,7 @@ def test_conditional_density():
     assert abs(test_nll - true_nll) < 0.05, (test_nll, true_nll)
 
 
+@pytest.mark.slow
 def test_user_built_distribution_is_trained_in_place():
     T = flow_transform("RealNVP", features=2, direction="density", hidden_features=(16, 16))
     flow = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [T])

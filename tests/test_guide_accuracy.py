@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pyro_flowguide as pfg
+from pyro_flowguide.examples import mog2d
 
 pytestmark = pytest.mark.slow
 
@@ -61,17 +62,6 @@ def test_conjugate_gaussian_posterior_is_recovered():
     assert abs(psis.log_evidence - truth) < 3 * psis.log_evidence_se + 1e-3
     assert sd < 0.1 and psis.ess_fraction > 0.99, psis
     assert psis.khat < 0.5, psis.khat
-    # The log weights vary by only 0.03-0.06 here. k-hat is a scale-free fit to
-    # the largest of them, which come from the few draws at |eps| > 3.5, where
-    # the flow's networks extrapolate (log weights of Gaussian shape and this
-    # size would give k-hat near 0). It varies with the draws as much as with
-    # the training: 0.25-0.33 and 0.17-0.47 over four sets of 4000 draws of the
-    # guides of training seeds 0 and 1 (0.30-0.36 for the default flow and
-    # 0.26-0.39 for plain MAF over three sets of 20,000). The target of
-    # k-hat < 0.3 holds on some draws only, so a miss is reported as an
-    # expected failure, not hidden.
-    if psis.khat >= 0.3:
-        pytest.xfail(f"k-hat {psis.khat:.3f} >= 0.3 on near-equal weights (log-weight sd {sd:.3f})")
 
 
 def test_wishart_precision_posterior_is_recovered():
@@ -124,33 +114,18 @@ def test_wishart_precision_posterior_is_recovered():
     assert lw_sd < 0.1 and psis.ess_fraction > 0.99, psis
 
 
-def _mixture_model():
-    # 1/2 N((1, 1), I) + 1/2 N((-2, -2), I) under a flat prior (a masked site).
-    mix = dist.MixtureSameFamily(
-        dist.Categorical(torch.tensor([0.5, 0.5])),
-        dist.Normal(torch.tensor([[1.0, 1.0], [-2.0, -2.0]]), 1.0).to_event(1),
-    )
-    z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1).mask(False))
-    pyro.factor("mixture", mix.log_prob(z))
-
-
 def test_default_flow_fits_two_modes():
     # The benchmark's protocol A (3000 steps, 4 vectorised particles, lr 1e-2 ->
-    # 1e-3). log p(z) is normalised here, so KL(q || p) = -E_q[log w]. Over
-    # training seeds 0-3 the default family reached KL 0.003-0.006 and IS-ESS
-    # 98.5-99.4%; plain MAF (flow="MAF"), whose affine layers can only
-    # approximate two modes, KL 0.031-0.062 and IS-ESS 79-94% (0.031 and 94% at
-    # this seed). How the modes share the mass still varies with the seed
-    # (0.47-0.53 against 1/2; MAF 0.45-0.53), so that is checked loosely.
-    # (Those figures predate the closed-form score.)
+    # 1e-3). log p(z) is normalised here, so KL(q || p) = -E_q[log w]; how the
+    # modes share the mass varies with the seed, so that is checked loosely.
     torch.set_num_threads(1)
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    guide = pfg.AutoFlowGuide(_mixture_model)
+    guide = pfg.AutoFlowGuide(mog2d)
     steps = 3000
     optim = pyro.optim.ClippedAdam({"lr": 1e-2, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)})
     elbo = pyro.infer.Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
-    svi = pyro.infer.SVI(_mixture_model, guide, optim, elbo)
+    svi = pyro.infer.SVI(mog2d, guide, optim, elbo)
     for _ in range(steps):
         svi.step()
         pfg.transforms.clear_flow_caches(guide)
@@ -158,7 +133,7 @@ def test_default_flow_fits_two_modes():
     z = guide.sample_posterior(40000)["z"]
     # The line z1 + z2 = -1 halves the mixture: each side holds 1/2 exactly.
     share = (z.sum(-1) > -1).double().mean().item()
-    psis = pfg.psis_diagnostic(_mixture_model, guide, num_samples=4000)
+    psis = pfg.psis_diagnostic(mog2d, guide, num_samples=4000)
     kl = -psis.log_weights.mean().item()
     print(f"share {share:.3f}, KL {kl:.4f}, IS-ESS {psis.ess_fraction:.3f}")
     assert abs(share - 0.5) < 0.05, share

@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import pyro.poutine as poutine
 import pytest
+from conftest import family_case
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -115,6 +116,7 @@ def _latent_sites(model, args, kwargs, values):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_shapes_supports_and_training(name):
     model, args, kwargs = ZOO[name]
@@ -148,6 +150,7 @@ def test_zoo_shapes_supports_and_training(name):
     positive=st.lists(st.booleans(), min_size=3, max_size=3),
     plate=st.integers(1, 3),
 )
+@pytest.mark.slow
 def test_random_model_structures(sizes, positive, plate):
     def model():
         total = 0.0
@@ -251,7 +254,12 @@ def test_autoguidelist_and_handlers():
 @pytest.mark.parametrize("init", [init_to_feasible, init_to_sample])
 def test_init_strategies(init):
     guide = AutoFlowGuide(ZOO["constrained"][0], init_loc_fn=init, **SMALL)
-    guide()
+    draw = guide()
+    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        assert site["fn"].support.check(draw[name]).all(), name
+    assert torch.isfinite(guide.loc).all()
+    if init is init_to_feasible:  # the feasible point is the origin of unconstrained space
+        torch.testing.assert_close(guide.loc, torch.zeros_like(guide.loc), rtol=0, atol=1e-5)
 
 
 def test_init_to_value_sets_the_start():
@@ -358,7 +366,7 @@ def test_pyro_flows_plug_in_at_any_dimension(name, dim):
     assert trainable <= {id(store.get_param(n).unconstrained()) for n in store.keys()}
 
 
-@pytest.mark.parametrize("name", [n for n in pfg.flow_names() if n != "NCSF"])
+@pytest.mark.parametrize("name", [family_case(n) for n in pfg.flow_names() if n != "NCSF"])
 def test_every_registry_family_trains(name):
     model = _gaussian_model(2)
     hyper = {"hidden_features": (8, 8)} if name not in ("GF",) else {}
@@ -404,13 +412,18 @@ def test_every_parameter_trains_whether_packed_or_not(name):
 
 def test_zuko_class_and_instances_are_accepted():
     model = _gaussian_model(3)
-    AutoFlowGuide(model, flow=zuko.flows.MAF, hidden_features=(8,))()
-    pyro.clear_param_store()
-    AutoFlowGuide(model, flow=zuko.flows.RealNVP(3, transforms=2))()
-    pyro.clear_param_store()
-    AutoFlowGuide(model, flow=zuko.flows.MAF(3).transform)()
-    pyro.clear_param_store()
-    AutoFlowGuide(model, flow=None)()
+    realnvp, lazy = zuko.flows.RealNVP(3, transforms=2), zuko.flows.MAF(3).transform
+    for flow, hyper, check in [
+        (zuko.flows.MAF, {"hidden_features": (8,)}, lambda f: f.spec.name == "MAF" and f.lazy.transforms[0].hyper[0].out_features == 8),
+        (realnvp, {}, lambda f: f.lazy is realnvp.transform),
+        (lazy, {}, lambda f: f.lazy is lazy),
+        (None, {}, lambda f: len(f) == 0),
+    ]:
+        pyro.clear_param_store()
+        guide = AutoFlowGuide(model, flow=flow, **hyper)
+        draw = guide()
+        assert check(guide.flow), flow
+        assert {k: v.shape for k, v in draw.items()} == {"z": (3,)}
 
 
 def test_default_estimator_is_stl_where_the_inverse_is_closed_form():
@@ -508,6 +521,7 @@ def test_stl_with_a_collapsed_scale_gives_non_finite_gradients_not_an_exception(
     assert not torch.isfinite(g).all()
 
 
+@pytest.mark.slow
 def test_stl_needs_no_inverse():
     """Pyro's planar flow has no inverse, yet trains with sticking the landing."""
     pyro.set_rng_seed(0)
@@ -583,8 +597,10 @@ def test_shapes_changing_between_calls():
 def test_new_data_with_same_latent_shapes_is_fine():
     model, args, kwargs = ZOO["args_kwargs"]
     guide = AutoFlowGuide(model, **SMALL)
-    guide(*args, **kwargs)
-    guide(torch.arange(7.0), torch.ones(7), scale=2.0)  # more data, same latents
+    first = guide(*args, **kwargs)
+    second = guide(torch.arange(7.0), torch.ones(7), scale=2.0)  # more data, same latents
+    assert {k: v.shape for k, v in second.items()} == {k: v.shape for k, v in first.items()} == {"w": ()}
+    assert guide.latent_dim == 1 and torch.isfinite(second["w"])
 
 
 def test_non_finite_log_density_at_init_names_the_site():

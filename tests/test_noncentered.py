@@ -14,13 +14,15 @@ from pyro.infer.autoguide.initialization import init_to_median
 
 import pyro_flowguide as pfg
 from pyro_flowguide import AutoFlowGuide, GuideSetupError
+from pyro_flowguide.examples import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools_centered
 
 SMALL = {"hidden_features": (16, 16), "transforms": 2}
-Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
-SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+Y, SIGMA = EIGHT_SCHOOLS_Y, EIGHT_SCHOOLS_SIGMA
 
 
-def schools(sigma=SIGMA):
+def schools(sigma):
+    """:func:`~pyro_flowguide.examples.eight_schools_centered` with other standard errors."""
+
     def model():
         mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
         tau = pyro.sample("tau", dist.HalfCauchy(5.0))
@@ -49,7 +51,7 @@ def mixed():
 
 def test_auto_picks_normal_sites_that_follow_other_latents():
     # theta's prior follows mu and tau, and the data are weak next to it.
-    guide = AutoFlowGuide(schools(), **SMALL)
+    guide = AutoFlowGuide(eight_schools_centered, **SMALL)
     guide()
     assert guide.noncentered_sites == ("theta",)
     pyro.clear_param_store()
@@ -193,6 +195,7 @@ def test_a_copied_or_pickled_guide_keeps_its_model():
     assert math.isfinite(svi.step())
 
 
+@pytest.mark.slow
 def test_api_draws_quantiles_predictive_and_reload(tmp_path):
     pyro.clear_param_store()
     guide = AutoFlowGuide(funnel, **SMALL)
@@ -225,7 +228,7 @@ def test_hidden_latent_turns_auto_off_and_refuses_a_list():
     # tau is blocked (another guide would cover it): this guide's run of the
     # model would draw tau from its prior, so theta's location and scale are
     # not functions of this guide's latents.
-    blocked = poutine.block(schools(), hide=["tau"])
+    blocked = poutine.block(eight_schools_centered, hide=["tau"])
     guide = AutoFlowGuide(blocked, **SMALL)
     with pytest.warns(UserWarning, match="randomness this guide does not see"):
         guide()

@@ -39,6 +39,7 @@ print(sorted(changed))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, pyro and zuko
 @pytest.mark.parametrize("setting", [True, False])
 def test_import_changes_no_global_state(setting):
     validation, changed = _run(_IMPORT_CHECK.format(setting=setting)).splitlines()
@@ -61,7 +62,7 @@ def test_version_and_public_names():
         assert getattr(pyro_flowguide, name, None) is not None, f"__all__ names missing {name!r}"
 
 
-@pytest.mark.parametrize("module", ["flows", "transforms"])
+@pytest.mark.parametrize("module", ["flows", "transforms", "guides", "diagnostics", "train"])
 def test_submodules_declare_their_public_names(module):
     mod = getattr(pyro_flowguide, module)
     assert mod.__all__
@@ -98,6 +99,18 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert not re.search(r"pytest\s+(-m|-k|tests/)", ci)
 
 
+def test_the_default_run_selects_the_slow_tests():
+    import tomllib
+
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    # `pytest` alone (README, CI) must run everything: no marker, keyword or path filter by default.
+    assert not re.search(r"(^|\s)(-m|-k|--deselect|--ignore)(\s|=|$)", options.get("addopts", "")), options
+    assert [m for m in options["markers"] if m.startswith("slow:")], options["markers"]
+    conftest = (ROOT / "tests" / "conftest.py").read_text()
+    assert "pytest_collection_modifyitems" not in conftest and "deselect" not in conftest
+
+
+@pytest.mark.slow  # two fits and 100,000 exact draws
 def test_posterior_demo_scores_both_guides_against_exact_draws():
     from pyro_flowguide.demo import posterior_demo
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import pytest
+from conftest import family_case
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from torch.autograd.functional import jacobian
@@ -26,7 +27,7 @@ DIRECTIONS = ("sample", "density")
 NUMERICAL_INVERSE = [n for n in FAMILIES if not get_flow(n).analytic_inverse]
 # Families refused as densities of data (GF) are checked in the sample direction only.
 DENSITY_FAMILIES = [n for n in FAMILIES if not get_flow(n).density_refused]
-CASES = [(n, d) for n in FAMILIES for d in DIRECTIONS if d == "sample" or n in DENSITY_FAMILIES]
+CASES = [family_case(n, d) for n in FAMILIES for d in DIRECTIONS if d == "sample" or n in DENSITY_FAMILIES]
 
 
 def _hyper(name: str) -> dict:
@@ -159,35 +160,27 @@ def test_context_changes_the_map():
 
 
 @pytest.mark.parametrize("name", ["MAF", "NSF"])
-def test_sample_direction_samples_and_scores_in_one_pass(name):
+@pytest.mark.parametrize("direction", ["sample", "density"])
+def test_each_direction_does_its_job_in_one_pass(name, direction):
+    """``"sample"`` draws and scores its own draws, ``"density"`` scores data, in one pass per layer."""
     D, layers = 16, 3
-    T = flow_transform(name, D, direction="sample", transforms=layers)
+    T = flow_transform(name, D, direction=direction, transforms=layers)
     flow = dist.TransformedDistribution(base_distribution("real", D), [T])
     counter = _PassCounter(T)
-    draw = flow.rsample((8,))
-    lp = flow.log_prob(draw)
-    assert lp.shape == (8,)
-    assert counter.take() == layers  # one pass per layer, log-det from the same pass
-    # Scoring data the flow did not produce is the slow (D passes) way here:
-    # that is what the density direction is for.
-    T.clear_cache()
-    flow.log_prob(torch.randn(8, D))
-    assert counter.take() >= layers * D
-    counter.remove()
-
-
-@pytest.mark.parametrize("name", ["MAF", "NSF"])
-def test_density_direction_scores_data_in_one_pass(name):
-    D, layers = 16, 3
-    T = flow_transform(name, D, direction="density", transforms=layers)
-    flow = dist.TransformedDistribution(base_distribution("real", D), [T])
-    counter = _PassCounter(T)
-    lp = flow.log_prob(torch.randn(8, D))
+    if direction == "sample":
+        lp = flow.log_prob(flow.rsample((8,)))  # the log-det from the draw's own pass
+    else:
+        lp = flow.log_prob(torch.randn(8, D))
     assert lp.shape == (8,)
     assert counter.take() == layers
+    # The other job is the slow (D passes) way in each direction.
     T.clear_cache()
-    flow.rsample((8,))  # sampling is the slow way in this direction
+    if direction == "sample":
+        flow.log_prob(torch.randn(8, D))  # data the flow did not produce
+    else:
+        flow.rsample((8,))
     assert counter.take() >= layers * D
+    counter.remove()
     counter.remove()
 
 
@@ -330,7 +323,7 @@ def test_cache_never_survives_a_parameter_replacement():
     torch.testing.assert_close(x_after, T.inv(y.detach().clone()))
 
 
-@pytest.mark.parametrize("name", NUMERICAL_INVERSE)
+@pytest.mark.parametrize("name", [family_case(n) for n in NUMERICAL_INVERSE])
 def test_numerical_inverse_scores_values_it_did_not_produce(name):
     # direction="sample": scoring a value needs the (numerical) inverse.
     # Checked at 1e-4, so the ODE solve of CNF need not be as tight as above.

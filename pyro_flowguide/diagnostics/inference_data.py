@@ -22,15 +22,18 @@ guide is off.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
+from pyro.infer.autoguide import AutoGuide
 from torch import nn
 
-from .psis import _Draws, _draw, _psis_from_draws
+from .arviz_compat import from_dict, to_chains
+from .psis import Draws, draw_from_guide, psis_from_draws
 from ..transforms import ConditionalFlowTransform, FlowTransform
 
 __all__ = ["to_inference_data"]
@@ -84,8 +87,8 @@ def _posterior_predictive(model, samples, observed, args, kwargs, num_samples) -
 
 
 def to_inference_data(
-    guide: Callable,
     model: Callable,
+    guide: Callable,
     *args: Any,
     num_samples: int = 1000,
     **kwargs: Any,
@@ -93,13 +96,17 @@ def to_inference_data(
     r"""Draws from a fitted guide and packs draws, log-densities and data as ``az.InferenceData``.
 
     Arguments:
-        guide: The fitted guide (any Pyro guide).
         model: The Pyro model.
+        guide: The fitted guide (any Pyro guide). The previous order
+            ``(guide, model, ...)`` still works for one release, with a
+            ``DeprecationWarning``.
         args, kwargs: The model's arguments (the same as for fitting).
-        num_samples: Guide draws (one chain of ``num_samples`` draws).
+        num_samples: Guide draws, split into up to four chains of independent draws
+            (so that ``az.summary`` reports R-hat and ESS without warnings).
 
     Returns:
-        An ``arviz.InferenceData`` (see the module docstring for its groups).
+        An ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ 1.x);
+        see the module docstring for its groups.
 
     Example:
         >>> import arviz as az, pyro, torch, pyro.distributions as dist
@@ -111,15 +118,23 @@ def to_inference_data(
         >>> pyro.clear_param_store()
         >>> y = torch.randn(8)
         >>> guide = AutoNormal(model)
-        >>> idata = to_inference_data(guide, model, y, num_samples=100)
+        >>> idata = to_inference_data(model, guide, y, num_samples=100)
         >>> idata.posterior["mu"].dims, idata.log_likelihood["y"].dims
         (('chain', 'draw'), ('chain', 'draw', 'data'))
     """
-    import arviz as az
-
-    draws: _Draws = _draw(model, guide, args, kwargs, num_samples)
-    psis = _psis_from_draws(draws)
+    if isinstance(model, AutoGuide) and not isinstance(guide, AutoGuide):
+        warnings.warn(
+            "to_inference_data(guide, model, ...) is deprecated and will be removed in the next "
+            "release; pass the model first: to_inference_data(model, guide, ...), as for fit and "
+            "psis_diagnostic",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        model, guide = guide, model
+    draws: Draws = draw_from_guide(model, guide, args, kwargs, num_samples)
+    psis = psis_from_draws(draws)
     proto = draws.proto_model_trace
+
     def np_(x: torch.Tensor) -> np.ndarray:
         return x.detach().cpu().numpy()
 
@@ -133,7 +148,7 @@ def to_inference_data(
         n_batch = len(shape) - len(site["fn"].event_shape)
         dims[name], site_coords = _site_dims(name, site, shape, n_batch)
         coords.update(site_coords)
-        posterior[name] = np_(value)[None]
+        posterior[name] = to_chains(np_(value))
     observed = {name: proto.nodes[name] for name in draws.log_likelihood}
     for name, site in observed.items():
         shape = tuple(site["value"].shape)
@@ -144,15 +159,15 @@ def to_inference_data(
         # One point-wise log-density per batch element: only batch dimensions.
         ll_dims[name], site_coords = _site_dims(name, site, tuple(value.shape[1:]), value.dim() - 1)
         coords.update(site_coords)
-        log_likelihood[name] = np_(value)[None]
+        log_likelihood[name] = to_chains(np_(value))
     for name, value in _posterior_predictive(model, draws.samples, observed, args, kwargs, num_samples).items():
-        posterior_predictive[name] = np_(value)[None]
+        posterior_predictive[name] = to_chains(np_(value))
 
     sample_stats = {
-        "lp": np_(draws.log_joint)[None],
-        "log_q": np_(draws.log_q)[None],
-        "log_weight": np_(psis.log_weights)[None],
-        "psis_log_weight": np_(psis.smoothed_log_weights)[None],
+        "lp": to_chains(np_(draws.log_joint)),
+        "log_q": to_chains(np_(draws.log_q)),
+        "log_weight": to_chains(np_(psis.log_weights)),
+        "psis_log_weight": to_chains(np_(psis.smoothed_log_weights)),
     }
     attrs = {
         "inference_library": "pyro",
@@ -167,26 +182,16 @@ def to_inference_data(
     if flow is not None:
         attrs["flow"] = flow
 
-    idata = az.from_dict(
-        posterior=posterior,
-        sample_stats=sample_stats,
+    return from_dict(
+        {
+            "posterior": posterior,
+            "sample_stats": sample_stats,
+            "log_likelihood": log_likelihood,
+            "posterior_predictive": posterior_predictive,
+            "observed_data": observed_data,
+        },
         coords=coords,
         dims=dims,
+        group_dims={"log_likelihood": ll_dims},
         attrs=attrs,
     )
-    groups = {}
-    if log_likelihood:
-        groups["log_likelihood"] = az.from_dict(
-            log_likelihood=log_likelihood, coords=coords, dims=ll_dims, attrs=attrs
-        )
-    if observed_data:
-        groups["observed_data"] = az.from_dict(
-            observed_data=observed_data,
-            posterior_predictive=posterior_predictive,
-            coords=coords,
-            dims=dims,
-            attrs=attrs,
-        )
-    for extra in groups.values():
-        idata.extend(extra)
-    return idata

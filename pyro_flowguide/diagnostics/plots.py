@@ -31,6 +31,7 @@ def _pyplot():
 
 
 def _smooth(values: np.ndarray, weight: float) -> np.ndarray:
+    """Exponential moving average of ``values`` that steps over non-finite entries."""
     out = np.empty_like(values)
     s = np.nan
     for i, v in enumerate(values):
@@ -53,6 +54,12 @@ def plot_losses(losses: Sequence[float], ax=None, smoothing: float = 0.02, log_s
 
     Returns:
         The matplotlib axes.
+
+    Example:
+        >>> import numpy as np, matplotlib
+        >>> matplotlib.use("Agg")
+        >>> plot_losses(np.linspace(10, 1, 200)).get_xlabel()
+        'step'
     """
     plt = _pyplot()
     values = np.asarray(losses, dtype=float)
@@ -112,6 +119,13 @@ def plot_pair(
 
     Returns:
         The matplotlib figure.
+
+    Example:
+        >>> import numpy as np, matplotlib
+        >>> matplotlib.use("Agg")
+        >>> draws = {"z": np.random.default_rng(0).normal(size=(500, 2))}
+        >>> len(plot_pair(draws).axes)  # a 2 x 2 grid for the two coordinates of z
+        4
     """
     plt = _pyplot()
     names, x = _columns(samples, sites)

@@ -2,24 +2,15 @@
 
 from .registry import (
     FLOWS,
-    BoundedInputMAT,
     FlowSpec,
-    ScaledSpline,
-    SplineMAF,
+    ResolvedFlow,
     UnknownFlowError,
     base_distribution,
     flow_names,
     get_flow,
+    resolve_flow,
 )
+from .spline import SplineMAF
 
-__all__ = [
-    "FLOWS",
-    "BoundedInputMAT",
-    "FlowSpec",
-    "ScaledSpline",
-    "SplineMAF",
-    "UnknownFlowError",
-    "base_distribution",
-    "flow_names",
-    "get_flow",
-]
+__all__ = ["FLOWS", "FlowSpec", "ResolvedFlow", "SplineMAF", "UnknownFlowError"]
+__all__ += ["base_distribution", "flow_names", "get_flow", "resolve_flow"]

@@ -1,7 +1,8 @@
 """Autoguides: the flow posterior over a model's continuous latents, and its amortized variant."""
 
-from .amortized import AutoAmortizedFlowGuide, local_psis_diagnostic, subsample_indices
-from .flow_guide import DEFAULT_FLOW, STL_MAX_DIM, AutoFlowGuide, GuideSetupError
+from .amortized import AutoAmortizedFlowGuide, subsample_indices
+from .flow_guide import DEFAULT_FLOW, STL_MAX_DIM, AutoFlowGuide
+from .sites import GuideSetupError
 
 __all__ = [
     "DEFAULT_FLOW",
@@ -9,6 +10,6 @@ __all__ = [
     "AutoAmortizedFlowGuide",
     "AutoFlowGuide",
     "GuideSetupError",
-    "local_psis_diagnostic",
     "subsample_indices",
 ]
+

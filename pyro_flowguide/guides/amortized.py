@@ -1,9 +1,6 @@
 r"""``AutoAmortizedFlowGuide``: conditional-flow posteriors for local latents under subsampled plates.
 
-A model with one latent per data point (a random effect, a VAE code) under a
-subsampled ``pyro.plate`` cannot use a global guide: one flow over all
-:math:`N` local latents neither scales nor predicts for new data. This guide
-*amortizes* them: each local site :math:`z_i` gets
+Each local site :math:`z_i` (one per datum of a plate) gets
 
 .. math::
 
@@ -14,84 +11,48 @@ subsampled ``pyro.plate`` cannot use a global guide: one flow over all
 where :math:`c_i` is the datum's context (rows of a user function of the
 model's arguments), :math:`e_\phi` an encoder network (an MLP by default),
 :math:`\mu, \sigma` an affine stage computed from the encoder's features,
-:math:`f_\theta` a conditional flow that starts at the identity
-(:class:`~pyro_flowguide.transforms.ConditionalFlowTransform`, sampled in its
-one-pass direction), :math:`g` the unconstrained global latents drawn in the
-same step, and :math:`T = \text{biject\_to(support)}^{-1}`. Global latents
-(outside the local plates) get an :class:`~pyro_flowguide.AutoFlowGuide`
-inside the same guide object: one param-store prefix, one ``fit``.
-
-Design choices (measured with ``tests/test_amortized.py`` and
-``benchmarks/amortized.py``):
-
-* The affine stage makes the guide, at initialisation, a diagonal Gaussian per
-  datum (as a hand-written VAE encoder is); the flow only learns what a
-  Gaussian cannot (skew, several modes).
-* The local posterior conditions on the sampled globals by default
-  (``condition_on_globals=True``): q(z_i | x_i, g) can follow the coupling
-  between a population mean/scale and the random effects it shrinks, which a
-  factorised q(z_i | x_i) q(g) cannot. Measured on 20 random intercepts with
-  a learned mean and scale (exact posterior by quadrature, 2000 steps): the
-  posterior sd of the mean is recovered to a ratio of 0.92 with conditioning
-  and 0.53 without (the factorised guide under-disperses it, as mean-field
-  guides do). The globals then enter the loc/scale head through one hidden
-  layer (width 32): a random effect's sd is a sigmoid-like function of the log
-  population scale, and with a linear head the population scale's sd came out
-  at 0.69 of the truth (4000 steps), with the hidden layer at 0.94.
-* Subsample indices are drawn by the guide, not by Pyro's plate: ``pyro.plate``
-  draws ``torch.randperm(N)`` every step, which costs O(N) (about 45 ms at
-  N = 10^6). The guide passes its own indices (``pyro.plate(...,
-  subsample=idx)``) and Pyro's replay hands them to the model. Semantics are
-  Pyro's: every step an independent, uniformly random subset of B distinct
-  indices. When duplicates among B uniform draws are rare (B(B-1)/2 <= N) the
-  guide draws ``torch.randint`` and redraws on a duplicate (rejection
-  sampling: exact, O(B log B), at most e ~ 2.7 tries on average); for smaller N it
-  uses ``torch.randperm``, which is then cheap. No state is kept between
-  steps, so checkpoints, ``Predictive`` and save/load need nothing extra.
-* Only the subsample's context rows are indexed; the full context (a view of
-  the data) is never copied. Each context column is standardised with the
-  mean and sd of (up to 10,000) rows seen at set-up, so the encoder sees
-  unit-scale inputs whatever the data's units (on the linear-Gaussian test
-  this halved the posterior-mean error after 1000 steps, 0.06 -> 0.03).
+:math:`f_\theta` a conditional flow that starts at the identity, :math:`g`
+the unconstrained global latents drawn in the same step, and
+:math:`T = \text{biject\_to(support)}^{-1}`. Global latents get an
+:class:`~pyro_flowguide.AutoFlowGuide` inside the same guide object. The
+guide draws the subsample indices itself (:func:`subsample_indices`) and the
+model replays them; the encoder sees each context column standardised with
+the mean and sd of the rows seen at set-up.
 
 Example:
-    >>> def model(x, batch_size=None):
-    ...     with pyro.plate("data", len(x), subsample_size=batch_size) as idx:
-    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
-    ...         pyro.sample("x", dist.Normal(2 * z + 1, 0.5), obs=x[idx])
-    >>> guide = AutoAmortizedFlowGuide(model, amortized={"z": lambda x, batch_size=None: x})
-    >>> guide(torch.randn(1000), 32)["z"].shape
-    torch.Size([32])
+    >>> idx = subsample_indices(10**6, 256)  # the guide's own subsample draw
+    >>> idx.shape, idx.unique().numel()
+    (torch.Size([256]), 256)
+
+See :class:`AutoAmortizedFlowGuide` for a model and its guide.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
-import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-import torch.nn.functional as F
-from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
-from torch.distributions import biject_to
 
-from .flow_guide import (
-    DEFAULT_FLOW,
-    AutoFlowGuide,
-    GuideSetupError,
-    _bijection,
-    _shapes_of,
-    _with_feasible_fallback,
+from .flow_guide import DEFAULT_FLOW, AutoFlowGuide
+from .local import (
+    LocalLayer,
+    check_amortized_sites,
+    check_plate_members,
+    init_unconstrained,
+    local_frame,
+    make_encoder,
+    read_plates,
+    subsample_indices,
 )
-from ..transforms import flow_transform
+from .sites import GuideSetupError, shapes_of, with_feasible_fallback
 
 #: The conditional flow of each local site. Splines, because a local latent is
 #: often one-dimensional, where an affine flow would be only a Gaussian.
@@ -100,8 +61,6 @@ DEFAULT_LOCAL_FLOW = "NSF"
 __all__ = [
     "AutoAmortizedFlowGuide",
     "DEFAULT_LOCAL_FLOW",
-    "LocalPSISResult",
-    "local_psis_diagnostic",
     "subsample_indices",
 ]
 
@@ -113,40 +72,6 @@ _GLOBAL_HEAD = 32
 _STANDARDISE_ROWS = 10_000
 
 
-def subsample_indices(size: int, subsample_size: int | None, device=None) -> Tensor | None:
-    r"""A uniformly random subset of ``subsample_size`` distinct indices of ``range(size)``.
-
-    The same distribution as Pyro's plate subsampling, at O(B log B) instead of
-    O(N) when ``B (B - 1) / 2 <= N``: draw B indices with ``torch.randint`` and
-    redraw if any repeats (at most :math:`e` tries on average). Smaller
-    populations use ``torch.randperm``. Returns ``None`` for the full range.
-
-    Example:
-        >>> idx = subsample_indices(10**6, 256)
-        >>> idx.shape, idx.unique().numel()
-        (torch.Size([256]), 256)
-    """
-    if subsample_size is None or subsample_size >= size:
-        return None
-    if subsample_size * (subsample_size - 1) <= 2 * size:
-        while True:
-            idx = torch.randint(size, (subsample_size,), device=device)
-            if subsample_size < 2 or not bool((idx.sort().values.diff() == 0).any()):
-                return idx
-    return torch.randperm(size, device=device)[:subsample_size]
-
-
-class _MLP(nn.Sequential):
-    """The default encoder: linear layers with ELU activations."""
-
-    def __init__(self, in_features: int, hidden: Sequence[int]) -> None:
-        layers: list[nn.Module] = []
-        for width in hidden:
-            layers += [nn.Linear(in_features, width), nn.ELU()]
-            in_features = width
-        super().__init__(*layers)
-
-
 class _GlobalFlowGuide(AutoFlowGuide):
     """An :class:`AutoFlowGuide` that keeps its last flat latent, for the local flows to condition on."""
 
@@ -154,172 +79,6 @@ class _GlobalFlowGuide(AutoFlowGuide):
         latent = super().sample_latent(*args, **kwargs)
         self.__dict__["_last_latent"] = latent
         return latent
-
-
-class _LocalPosterior(dist.TorchDistribution):
-    r"""q(z_i | context) for every datum of a subsample, as one Pyro distribution.
-
-    ``batch_shape`` is the site's (the subsample size at the plate's dim),
-    ``event_shape`` the site's. A draw and its log-density come from one pass;
-    scoring one's own draw reuses it, any other value is inverted.
-    """
-
-    arg_constraints: dict = {}
-    has_rsample = True
-
-    def __init__(
-        self,
-        layer: _LocalLayer,
-        flow_t: Any,
-        loc: Tensor,
-        scale: Tensor,
-        batch_shape: torch.Size,
-        event_shape: torch.Size,
-    ) -> None:
-        self.layer = layer
-        self.flow_t = flow_t
-        self.loc = loc
-        self.scale = scale
-        self._last: tuple[Tensor, Tensor] | None = None
-        super().__init__(batch_shape, event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.layer.support
-
-    def expand(self, batch_shape, _instance=None):
-        return _LocalPosterior(
-            self.layer, self.flow_t, self.loc, self.scale, torch.Size(batch_shape), self.event_shape
-        )
-
-    def _lead(self, shape: torch.Size) -> torch.Size:
-        # Everything left of the local plate's dim: sample shape and particle plates.
-        return shape[: len(shape) - self.layer.plate_nesting]
-
-    def rsample(self, sample_shape=torch.Size()) -> Tensor:
-        layer = self.layer
-        shape = torch.Size(sample_shape) + self.batch_shape
-        b = shape[len(shape) - layer.plate_nesting]
-        eps = torch.randn(self._lead(shape) + (b, layer.dim), dtype=self.loc.dtype, device=self.loc.device)
-        log_q = -0.5 * eps.pow(2).sum(-1) - 0.5 * layer.dim * math.log(2 * math.pi)
-        if self.flow_t is not None:
-            y, ladj = self.flow_t.call_and_ladj(eps)
-            log_q = log_q - ladj
-        else:
-            y = eps
-        u = self.loc + self.scale * y
-        log_q = log_q - self.scale.log().sum(-1)
-        value, ladj = layer.to_site(u)
-        log_q = log_q - ladj
-        log_q = log_q.reshape(log_q.shape + (1,) * (layer.plate_nesting - 1))
-        self._last = (value, log_q)
-        return value
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        last = self._last
-        if last is not None and last[0] is value:
-            return last[1]
-        layer = self.layer
-        u, ladj_site = layer.from_site(value)
-        y = (u - self.loc) / self.scale
-        log_q = -ladj_site - self.scale.log().sum(-1)
-        if self.flow_t is not None:
-            eps = self.flow_t.inv(y)
-            log_q = log_q - self.flow_t.log_abs_det_jacobian(eps, y)
-        else:
-            eps = y
-        log_q = log_q - 0.5 * eps.pow(2).sum(-1) - 0.5 * layer.dim * math.log(2 * math.pi)
-        return log_q.reshape(log_q.shape + (1,) * (layer.plate_nesting - 1))
-
-
-class _LocalLayer(nn.Module):
-    """Encoder, affine heads and conditional flow of one amortized site."""
-
-    def __init__(
-        self,
-        site: dict,
-        plate_dim: int,
-        encoder: nn.Module,
-        features: int,
-        context_loc: Tensor,
-        context_scale: Tensor,
-        global_dim: int,
-        init_loc: Tensor,
-        init_scale: float,
-        flow: Any,
-        hyper: dict,
-        global_head: int | None = None,
-    ) -> None:
-        super().__init__()
-        fn = site["fn"]
-        self.site_name = site["name"]
-        self.support = fn.support
-        self.event_dim = fn.event_dim
-        self.event_shape = fn.event_shape
-        self.plate_nesting = -plate_dim
-        self.transform = biject_to(fn.support)
-        self.unconstrained_event_shape = self.transform.inv.forward_shape(fn.event_shape)
-        self.dim = max(1, math.prod(self.unconstrained_event_shape))
-        self.features = features
-        self.global_dim = global_dim
-        self.encoder = encoder
-        # Networks see unit-scale inputs: each context column is standardised with
-        # the mean and sd of the rows seen at set-up (kept in the state dict).
-        self.register_buffer("context_loc", context_loc)
-        self.register_buffer("context_scale", context_scale)
-        width = features + global_dim
-        # Zero weights: at the start every datum gets the init loc and scale,
-        # while gradients still reach the weights (and the encoder) at once.
-        last = nn.Linear(width if global_head is None else global_head, 2 * self.dim)
-        nn.init.zeros_(last.weight)
-        with torch.no_grad():
-            last.bias[: self.dim] = init_loc
-            last.bias[self.dim :] = math.log(math.expm1(init_scale))
-        if global_head is None:
-            self.head = last
-        else:
-            # With globals, loc and scale are nonlinear in them (a random effect's sd
-            # is a sigmoid-like function of the log population scale).
-            self.head = nn.Sequential(nn.Linear(width, global_head), nn.ELU(), last)
-        if flow is None:
-            self.flow = None
-        else:
-            hyper = dict(hyper)
-            if isinstance(flow, str) or isinstance(flow, type):
-                hyper.setdefault("hidden_features", (max(64, 4 * self.dim),) * 2)
-            self.flow = flow_transform(flow, self.dim, context=width, direction="sample", identity_init=True, **hyper)
-
-    def to_site(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Flat unconstrained ``(..., B, D)`` to the site's value and the log-Jacobian per datum."""
-        lead = u.shape[:-1]
-        uc = u.reshape(lead + (1,) * (self.plate_nesting - 1) + self.unconstrained_event_shape)
-        value = self.transform(uc)
-        ladj = self.transform.log_abs_det_jacobian(uc, value)
-        ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + self.event_dim)
-        return value, ladj.reshape(lead)
-
-    def from_site(self, value: Tensor) -> tuple[Tensor, Tensor]:
-        uc = self.transform.inv(value)
-        ladj = self.transform.log_abs_det_jacobian(uc, value)
-        ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + self.event_dim)
-        batch = uc.shape[: uc.dim() - len(self.unconstrained_event_shape)]
-        lead = batch[: len(batch) - self.plate_nesting + 1]
-        return uc.reshape(lead + (self.dim,)), ladj.reshape(lead)
-
-    def posterior(self, context: Tensor, globals_: Tensor | None, batch_shape, event_shape) -> _LocalPosterior:
-        h = self.encoder((context - self.context_loc) / self.context_scale)
-        if globals_ is not None:
-            # Globals carry particle dims (P, 1, ..., 1, G) aligned with the site's batch
-            # dims; drop those right of the plate's dim to match the (..., B, H) layout.
-            gb = globals_.shape[:-1]
-            keep = gb[: len(gb) - self.plate_nesting + 1] if len(gb) >= self.plate_nesting else ()
-            globals_ = globals_.reshape(keep + globals_.shape[-1:])
-            lead = torch.broadcast_shapes(globals_.shape[:-1], h.shape[:-1])
-            h = torch.cat([h.expand(lead + h.shape[-1:]), globals_.expand(lead + globals_.shape[-1:])], -1)
-        loc, raw = self.head(h).split(self.dim, -1)
-        scale = F.softplus(raw)
-        flow_t = None if self.flow is None else self.flow.condition(h)
-        return _LocalPosterior(self, flow_t, loc, scale, batch_shape, event_shape)
 
 
 class AutoAmortizedFlowGuide(AutoGuide):
@@ -410,7 +169,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         self._encoder_arg = (encoder,)
         self._encoder_features = tuple(encoder_features)
         self.condition_on_globals = bool(condition_on_globals)
-        self._init_loc_fn = _with_feasible_fallback(init_loc_fn)
+        self._init_loc_fn = with_feasible_fallback(init_loc_fn)
         self._init_scale = float(init_scale)
         self._global_options = dict(global_options or {})
         self._hyper = dict(hyper)
@@ -427,16 +186,16 @@ class AutoAmortizedFlowGuide(AutoGuide):
         model = poutine.block(self.model, self._prototype_hide_fn)
         self.prototype_trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
         sites = dict(self.prototype_trace.iter_stochastic_nodes())
-        self._check_sites(sites)
+        check_amortized_sites(sites, self._context_fns, self._model_name)
         self._local_plates = {}  # plate name -> its frame
         self._site_plate = {}  # local site -> plate name
         for name in self._context_fns:
-            frame = self._local_frame(sites[name])
+            frame = local_frame(sites[name])
             self._local_plates[frame.name] = frame
             self._site_plate[name] = frame.name
-        self._check_plate_members(sites)
-        self._plate_info = self._read_plates(self.prototype_trace, args, kwargs)
-        self._signature = _shapes_of(args, kwargs)
+        check_plate_members(sites, self._context_fns, self._site_plate, self._local_plates)
+        self._plate_info = read_plates(self.prototype_trace, self._context_fns, self._site_plate, args, kwargs)
+        self._signature = shapes_of(args, kwargs)
 
         local_names = set(self._context_fns)
         global_names = [n for n in sites if n not in local_names]
@@ -476,7 +235,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
             full = self._plate_info[frame.name][0]
             sample = subsample_indices(full, _STANDARDISE_ROWS)
             context = self._context_rows(name, args, kwargs, sample).to(dtype=dtype, device=device)
-            encoder = self._make_encoder(name, context.shape[-1]).to(dtype=dtype, device=device)
+            encoder = make_encoder(self._encoder_arg[0], name, context.shape[-1], self._encoder_features).to(dtype=dtype, device=device)
             rows = context
             c_loc = rows.mean(0)
             c_scale = rows.std(0) if rows.shape[0] > 1 else torch.ones_like(c_loc)
@@ -489,8 +248,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
                     f"the encoder of site {name!r} must map a context batch (B, C) to features "
                     f"(B, H); given shape {tuple(context[:2].shape)} it returned {tuple(out.shape)}"
                 )
-            init = self._init_unconstrained(site, frame.dim)
-            layers[name] = _LocalLayer(
+            init = init_unconstrained(self._init_loc_fn, site, frame.dim)
+            layers[name] = LocalLayer(
                 site,
                 frame.dim,
                 encoder,
@@ -506,133 +265,13 @@ class AutoAmortizedFlowGuide(AutoGuide):
             ).to(dtype=dtype, device=device)
         self.local_layers = nn.ModuleDict(layers)
 
+    @property
+    def local_plates(self) -> dict:
+        """The frame of each local plate by name (after set-up)."""
+        return self._local_plates
+
     def _local_frames(self) -> dict:
         return {name: self._local_plates[plate] for name, plate in self._site_plate.items()}
-
-    def _check_sites(self, sites: dict) -> None:
-        latent = sorted(sites)
-        for name in self._context_fns:
-            if name not in sites:
-                raise GuideSetupError(
-                    f"amortized names site {name!r}, which is not a latent sample site of "
-                    f"model {self._model_name!r}; latent sites: {latent}"
-                )
-        for name, site in sites.items():
-            fn = site["fn"]
-            if fn.support.is_discrete:
-                raise GuideSetupError(
-                    f"site {name!r} of model {self._model_name!r} is discrete "
-                    f"({type(fn).__name__}); AutoAmortizedFlowGuide covers continuous latents "
-                    "only. Enumerate it out (@config_enumerate with TraceEnum_ELBO) or guide it "
-                    "separately with AutoGuideList."
-                )
-            _bijection(site)
-            for frame in site["cond_indep_stack"]:
-                if not frame.vectorized:
-                    raise GuideSetupError(
-                        f"site {name!r} is inside the sequential plate {frame.name!r}; "
-                        "AutoAmortizedFlowGuide needs vectorised plates (pyro.plate used as "
-                        "a context manager)."
-                    )
-                subsampled = frame.full_size is not None and frame.full_size != frame.size
-                if subsampled and name not in self._context_fns:
-                    raise GuideSetupError(
-                        f"latent site {name!r} is inside plate {frame.name!r}, which is "
-                        f"subsampled ({frame.size} of {frame.full_size}), but it is not in "
-                        "amortized: every local latent under a subsampled plate needs a "
-                        f"context function, e.g. amortized={{..., {name!r}: lambda x, "
-                        "batch_size=None: x} (the rows of the data it depends on)."
-                    )
-
-    def _local_frame(self, site: dict):
-        name = site["name"]
-        frames = [f for f in site["cond_indep_stack"] if f.vectorized]
-        if not frames:
-            raise GuideSetupError(
-                f"amortized site {name!r} is not inside any pyro.plate; an amortized latent "
-                "has one value per datum, so sample it inside the data plate (and remove it "
-                "from amortized if it is a global latent)."
-            )
-        if len(frames) > 1:
-            raise GuideSetupError(
-                f"amortized site {name!r} is inside several plates "
-                f"({[f.name for f in frames]}); AutoAmortizedFlowGuide supports one local "
-                "plate per site: move the inner dimensions into the event (.to_event(1))."
-            )
-        return frames[0]
-
-    def _check_plate_members(self, sites: dict) -> None:
-        # A plate holding an amortized site is drawn by this guide; another latent in it
-        # would need the same per-datum treatment.
-        for name, site in sites.items():
-            if name in self._context_fns:
-                continue
-            for frame in site["cond_indep_stack"]:
-                if frame.name in self._local_plates:
-                    raise GuideSetupError(
-                        f"latent site {name!r} is inside plate {frame.name!r}, which holds "
-                        f"the amortized sites {sorted(n for n, p in self._site_plate.items() if p == frame.name)}, "
-                        f"but it is not in amortized; add it: amortized={{..., {name!r}: "
-                        "<context function>}."
-                    )
-
-    def _read_plates(self, trace, args: tuple, kwargs: dict) -> dict:
-        """Full and subsample size of each local plate for this call, with the context checks."""
-        info = {}
-        for name, site in trace.iter_stochastic_nodes():
-            if name not in self._context_fns:
-                continue
-            frames = [f for f in site["cond_indep_stack"] if f.name == self._site_plate[name]]
-            if not frames:
-                raise GuideSetupError(
-                    f"amortized site {name!r} left plate {self._site_plate[name]!r} when the "
-                    "model was called with new arguments; build a new guide for this model."
-                )
-            frame = frames[0]
-            full = frame.full_size if frame.full_size is not None else frame.size
-            info[frame.name] = (full, frame.size, frame.dim)
-            context = self._context_fns[name](*args, **kwargs)
-            self._check_context(name, context, frame.name, full)
-        for name in self._context_fns:
-            if name not in trace.nodes:
-                raise GuideSetupError(
-                    f"amortized site {name!r} disappeared when the model was called with new "
-                    "arguments; build a new guide for this model call."
-                )
-        return info
-
-    def _check_context(self, name: str, context: Any, plate: str, full: int) -> None:
-        if not torch.is_tensor(context) or context.dim() == 0:
-            raise GuideSetupError(
-                f"the context function of site {name!r} must return a tensor with one row per "
-                f"datum of plate {plate!r} (leading dimension {full}), got "
-                f"{type(context).__name__ if not torch.is_tensor(context) else 'a scalar'}"
-            )
-        if context.shape[0] != full:
-            raise GuideSetupError(
-                f"the context function of site {name!r} returned shape {tuple(context.shape)}, "
-                f"but plate {plate!r} has {full} data points: its leading dimension must be the "
-                "plate's full size (the guide selects the subsample's rows itself); e.g. return "
-                "x, not x[idx]."
-            )
-
-    def _make_encoder(self, name: str, width: int) -> nn.Module:
-        (encoder,) = self._encoder_arg
-        if isinstance(encoder, Mapping):
-            encoder = encoder.get(name)
-        if encoder is None:
-            return _MLP(width, self._encoder_features)
-        if not isinstance(encoder, nn.Module):
-            raise TypeError(f"encoder must be an nn.Module (or a dict of them), got {type(encoder).__name__}")
-        return encoder
-
-    def _init_unconstrained(self, site: dict, plate_dim: int) -> Tensor:
-        value = self._init_loc_fn(site).detach()
-        u = biject_to(site["fn"].support).inv(value)
-        event = u.dim() - len(site["fn"].batch_shape)
-        batch = u.shape[: u.dim() - event]
-        rows = u.reshape(batch[: len(batch) + plate_dim + 1] + (-1,))
-        return rows.reshape(-1, rows.shape[-1]).mean(0)
 
     def _context_rows(self, name: str, args: tuple, kwargs: dict, idx: Tensor | None) -> Tensor:
         context = self._context_fns[name](*args, **kwargs)
@@ -641,14 +280,14 @@ class AutoAmortizedFlowGuide(AutoGuide):
 
     # ------------------------------------------------------------- forward
     def _refresh(self, args: tuple, kwargs: dict) -> None:
-        signature = _shapes_of(args, kwargs)
+        signature = shapes_of(args, kwargs)
         if signature == self._signature:
             return
         # New data or a new batch size: re-read plate sizes and check the contexts.
         trace = poutine.block(poutine.trace(poutine.block(self.model, self._prototype_hide_fn)).get_trace)(
             *args, **kwargs
         )
-        self._plate_info = self._read_plates(trace, args, kwargs)
+        self._plate_info = read_plates(trace, self._context_fns, self._site_plate, args, kwargs)
         self._signature = signature
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
@@ -728,129 +367,3 @@ class AutoAmortizedFlowGuide(AutoGuide):
     def median(self, *args: Any, num_samples: int = 1000, **kwargs: Any) -> dict[str, Tensor]:
         """Monte Carlo posterior median of every latent site (per datum for local sites)."""
         return {k: v[0] for k, v in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()}
-
-
-# ------------------------------------------------------------------ per-datum PSIS
-@dataclass(eq=False)
-class LocalPSISResult:
-    r"""What :func:`local_psis_diagnostic` returns: one importance-sampling fit per datum.
-
-    Attributes:
-        khat: Pareto k-hat of each datum's log weights, shape ``(B,)``
-            (``< 0.5`` good, ``> 0.7`` do not trust q for that datum).
-        log_weights: :math:`\log p(x_i, z_{s,i} \mid g_s) - \log q(z_{s,i} \mid x_i, g_s)`,
-            shape ``(num_samples, B)``.
-        log_evidence: Per datum, :math:`\log \frac1S \sum_s w_{s,i}`: an
-            importance-weighted bound on :math:`\log p(x_i)` when the model has
-            no global latents (conditional on the drawn globals otherwise).
-        indices: The plate's indices of the columns (``arange(N)`` without subsampling).
-        plate: The local plate's name.
-    """
-
-    khat: Tensor
-    log_weights: Tensor = field(repr=False)
-    log_evidence: Tensor = field(repr=False)
-    indices: Tensor = field(repr=False)
-    plate: str = ""
-
-    def __repr__(self) -> str:
-        k = self.khat
-        return (
-            f"LocalPSISResult(plate={self.plate!r}, data={k.numel()}, max khat={float(k.max()):.3f}, "
-            f"share khat > 0.7: {float((k > 0.7).float().mean()):.3f}, "
-            f"share khat > 0.5: {float((k > 0.5).float().mean()):.3f})"
-        )
-
-
-def _per_datum(log_prob: Tensor, nesting: int, plate_dim: int) -> Tensor:
-    """Sums a site's log-density over every dim but the draws dim (0) and the plate dim (last)."""
-    lp = log_prob.reshape((1,) * (nesting + 1 - log_prob.dim()) + log_prob.shape)
-    lp = lp.movedim(nesting + 1 + plate_dim, -1)
-    return lp.reshape(lp.shape[0], -1, lp.shape[-1]).sum(1)
-
-
-@torch.no_grad()
-def local_psis_diagnostic(
-    model: Callable,
-    guide: AutoAmortizedFlowGuide,
-    *args: Any,
-    num_samples: int = 1000,
-    plate: str | None = None,
-    **kwargs: Any,
-) -> LocalPSISResult:
-    r"""Per-datum PSIS k-hat of an amortized guide's local posteriors.
-
-    A joint k-hat over N local latents says little once N is large (the log
-    weights are sums of N terms). The local posteriors factorise over data
-    given the globals, so each datum gets its own importance weights
-    :math:`\log w_{s,i} = \log p(x_i, z_{s,i} \mid g_s) - \log q(z_{s,i} \mid x_i, g_s)`
-    (every model site in the plate contributes its row) and its own k-hat,
-    through ArviZ's ``psislw``. Without global latents this is exactly the
-    PSIS diagnostic of :math:`q(z_i \mid x_i)` against :math:`p(z_i \mid x_i)`;
-    with globals it checks the local conditionals at the guide's global draws.
-
-    Arguments:
-        model, guide: The model and the fitted :class:`AutoAmortizedFlowGuide`.
-        args, kwargs: The model's arguments (call without subsampling to score every datum).
-        num_samples: Draws per datum.
-        plate: The local plate (needed only when the guide has several).
-
-    Returns:
-        A :class:`LocalPSISResult`.
-
-    Example:
-        >>> # result = local_psis_diagnostic(model, guide, x_test, num_samples=500)
-        >>> # (result.khat > 0.7).float().mean()  # share of data the guide fits poorly
-    """
-    from ..diagnostics.psis import pareto_smooth
-
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be at least 2, got {num_samples}")
-    if not isinstance(guide, AutoAmortizedFlowGuide):
-        raise TypeError(f"local_psis_diagnostic needs an AutoAmortizedFlowGuide, got {type(guide).__name__}")
-    if guide.prototype_trace is None:
-        guide._setup_prototype(*args, **kwargs)
-    names = sorted(guide._local_plates)
-    if plate is None:
-        if len(names) > 1:
-            raise ValueError(f"the guide has several local plates {names}; pass plate=<name>")
-        plate = names[0]
-    elif plate not in guide._local_plates:
-        raise ValueError(f"plate {plate!r} holds no amortized site; local plates: {names}")
-    plate_dim = guide._local_plates[plate].dim
-    with poutine.block():
-        proto = poutine.trace(guide).get_trace(*args, **kwargs)
-        proto_model = poutine.trace(poutine.replay(model, trace=proto)).get_trace(*args, **kwargs)
-    nesting = max(
-        [-f.dim for tr in (proto, proto_model) for s in tr.nodes.values() if s["type"] == "sample"
-         for f in s["cond_indep_stack"] if f.vectorized] + [0]
-    )
-    with poutine.block(), pyro.plate("_local_psis_draws", num_samples, dim=-(nesting + 1)):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    indices = guide_trace.nodes[plate]["value"]
-    guide_trace = prune_subsample_sites(guide_trace)
-    model_trace = prune_subsample_sites(model_trace)
-    guide_trace.compute_log_prob()
-    model_trace.compute_log_prob()
-
-    def in_plate(site: dict) -> bool:
-        return site["type"] == "sample" and any(f.name == plate for f in site["cond_indep_stack"])
-
-    log_w = 0.0
-    for site in model_trace.nodes.values():
-        if in_plate(site):
-            log_w = log_w + _per_datum(site["log_prob"], nesting, plate_dim)
-    for site in guide_trace.nodes.values():
-        if in_plate(site):
-            log_w = log_w - _per_datum(site["log_prob"], nesting, plate_dim)
-    log_w = log_w.expand(num_samples, log_w.shape[-1]).double()
-    _, khat = pareto_smooth(log_w.T.cpu().numpy())
-    log_evidence = torch.logsumexp(log_w, 0) - math.log(num_samples)
-    return LocalPSISResult(
-        khat=torch.as_tensor(khat),
-        log_weights=log_w,
-        log_evidence=log_evidence,
-        indices=indices,
-        plate=plate,
-    )

@@ -1,11 +1,9 @@
 r"""Many parameter tensors held as views of one flat parameter.
 
 Pyro's optimisers run one ``torch.optim`` instance per parameter tensor, and
-``pyro.module`` issues one ``pyro.param`` statement per tensor. A flow of three
-MADE networks has 18 of them, and at the sizes of typical posteriors those
-per-tensor calls cost more than the flow's arithmetic (one ``ClippedAdam``
-call over 21 tensors: 2.9 ms, over one tensor of the same total size: 0.2 ms;
-``python benchmarks/step_time.py --optimizer-only``). Adam and element-wise
+``pyro.module`` issues one ``pyro.param`` statement per tensor; at the sizes
+of typical posteriors those per-tensor calls cost more than the flow's
+arithmetic (``benchmarks/step_time.py --optimizer-only``). Adam and element-wise
 gradient clipping act on each entry alone, so one flat tensor trains exactly
 as its pieces would.
 
@@ -33,10 +31,9 @@ class _Unpack(torch.autograd.Function):
     """The pieces of a flat tensor as new tensors; their gradients are joined in one ``cat``.
 
     A slice of a tensor that requires grad sends back a gradient the size of
-    the whole tensor (zeros but for the slice), so a flat parameter read as 40
-    slices costs 40 full-size fills and additions per backward pass: 1.2 ms of
-    a 7.6 ms step for a 25-D guide of 125,000 parameters. Here the backward
-    pass writes each piece's gradient once.
+    the whole tensor (zeros but for the slice), so a flat parameter read as
+    many slices costs one full-size fill and addition per slice in each
+    backward pass. Here the backward pass writes each piece's gradient once.
     """
 
     @staticmethod

@@ -1,49 +1,32 @@
-r"""The score of a masked autoregressive flow's draw, in closed form.
+r"""The score of a masked autoregressive flow's draw, in closed form (for sticking the landing).
 
-Sticking the landing needs, for each draw :math:`y = f(\varepsilon)`, the score
-:math:`\nabla_y \log q(y)`. For a composition of layers
-:math:`x_l = f_l(x_{l-1})` it follows the draw through the layers,
+For each draw :math:`y = f(\varepsilon)` through layers :math:`x_l = f_l(x_{l-1})`
+the score :math:`\nabla_y \log q(y)` follows the draw through the layers,
 
 .. math:: s_0 = -\varepsilon, \qquad
-          s_l = J_l^{-\top}\bigl(s_{l-1} - \nabla_{x_{l-1}} \log|\det J_l|\bigr),
+          s_l = J_l^{-\top}\bigl(s_{l-1} - \nabla_{x_{l-1}} \log|\det J_l|\bigr).
 
-with :math:`J_l = \partial x_l / \partial x_{l-1}`. The general route
-(``guides._draw_with_batched_score``) gets every :math:`J_l` from one backward pass
-batched over the :math:`D + 1` output directions, which at the sizes of
-typical posteriors costs more than the draw itself: each of the flow's small
-operations is run again under ``vmap``.
-
-For Zuko's masked autoregressive layers the pieces have a closed form. A
-layer is :math:`y_i = \tau(x_i; \varphi_i)` with :math:`\varphi = W_L
-\sigma(\cdots \sigma(W_1 x + b_1) \cdots) + b_L` (masked weights, ReLU
-:math:`\sigma`; :class:`~pyro_flowguide.flows.BoundedInputMAT` reads
-:math:`B \tanh(x / B)` in place of :math:`x`, one more element-wise factor), so
+A Zuko masked autoregressive layer is :math:`y_i = \tau(x_i; \varphi_i)` with
+:math:`\varphi = W_L \sigma(\cdots \sigma(W_1 x + b_1) \cdots) + b_L` (masked
+weights, ReLU :math:`\sigma`), so
 
 .. math:: J = \mathrm{diag}(\tau_x) + \tau_\varphi\, \Phi, \qquad
           \nabla_x \log|\det J| = \lambda_x + \Phi^\top \lambda_\varphi,
 
-where :math:`\lambda = \log \tau_x`, the derivatives of :math:`\tau` and
-:math:`\lambda` are element-wise (written out below for the affine and the
-rational-quadratic maps), and the network's Jacobian :math:`\Phi = W_L
-\mathrm{diag}(\sigma') \cdots W_1` is a few small matrix products. None of it
-needs a graph: the draw keeps its graph for the loss, and the score is a
-constant of the step.
-
-Two further savings come from the same structure. An autoregressive layer's
-:math:`J` is triangular in its features' order, so with Zuko's natural and
-reversed orders (any number of passes) each step of the recursion is a
-triangular solve, not an LU factorisation; the masks say which
-(:func:`made_layers`), and other orders keep the general solve. And a spline
-layer's map runs as one autograd node (:class:`_Spline`) whose backward pass
-multiplies by :math:`\tau_x, \tau_\varphi, \lambda_x, \lambda_\varphi`, which the
-score computes anyway, instead of recording and replaying the hundred or so
-small operations of Zuko's spline. On the 25-D logistic regression of the
-benchmarks this took a training step from 1.16-1.20x the hand-written Zuko
-guide's to 1.06x (``benchmarks/step_time.py``).
+with :math:`\lambda = \log \tau_x`, element-wise derivatives of the affine or
+rational-quadratic map and the network's Jacobian :math:`\Phi`: no graph is
+needed. With Zuko's natural and reversed orders :math:`J` is triangular, so
+each step is a triangular solve, and a spline layer runs as one autograd node
+(:class:`_Spline`) whose backward pass uses the same derivatives.
 
 :func:`made_layers` says whether a flow is made only of such layers (else the
-guide keeps the general route); :func:`draw_and_score` runs the draw (the same
-operations as Zuko's, so the same values) and returns the score.
+guide takes the general route); :func:`draw_and_score` runs the draw and its score.
+
+Example:
+    >>> lazy = zuko.flows.MAF(3, hidden_features=(8,)).transform
+    >>> y, ladj, score = draw_and_score(made_layers(lazy), torch.randn(4, 3))
+    >>> score.shape
+    torch.Size([4, 3])
 """
 
 from __future__ import annotations
@@ -59,7 +42,6 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .._zuko import zuko
-from ..flows.registry import BoundedInputMAT, ScaledSpline
 
 __all__ = ["draw_and_score", "made_layers"]
 
@@ -85,13 +67,10 @@ def _univariate_kind(layer: nn.Module) -> tuple[str, dict] | None:
     shapes = [tuple(s) for s in layer.shapes]
     if uni is _Affine and shapes == [(), ()] and set(keywords) <= {"slope"}:
         return "affine", {**_defaults(_Affine), **keywords}
-    scale = 1.0
-    if type(uni) is ScaledSpline:  # SplineMAF's spline of scaled raw parameters
-        uni, scale, keywords = _RQS, uni.scale, {"slope": uni.slope}
     if uni is _RQS and set(keywords) <= {"slope", "bound"} and len(shapes) == 3:
         (k1,), (k2,), (k3,) = shapes if all(len(s) == 1 for s in shapes) else ((0,), (0,), (0,))
         if k1 == k2 and k3 == k1 - 1 and k1 >= 2:
-            return "rqs", {**_defaults(_RQS), **keywords, "scale": scale}
+            return "rqs", {**_defaults(_RQS), **keywords}
     return None
 
 
@@ -111,8 +90,7 @@ def made_layers(lazy: nn.Module) -> tuple[tuple[nn.Module, str, dict], ...] | No
     """The layers of an unconditional Zuko flow transform, if all are written out here.
 
     Returns ``(layer, kind, constants)`` per layer in the order the normalising
-    map applies them (Zuko's ``MaskedAutoregressiveTransform`` or
-    :class:`~pyro_flowguide.flows.BoundedInputMAT`), or ``None`` when any layer is of another kind (coupling,
+    map applies them (Zuko's ``MaskedAutoregressiveTransform``), or ``None`` when any layer is of another kind (coupling,
     element-wise, residual or normalised networks, other activations or
     univariate maps): the caller then takes the general route. The constants
     include ``"triangle"``: ``"lower"`` or ``"upper"`` when the layer's
@@ -122,7 +100,7 @@ def made_layers(lazy: nn.Module) -> tuple[tuple[nn.Module, str, dict], ...] | No
     layers = list(lazy.transforms) if isinstance(lazy, zuko.lazy.LazyComposedTransform) else [lazy]
     found = []
     for layer in layers:
-        if type(layer) not in (_MaskedAR, BoundedInputMAT) or not _plain_made(layer.hyper):
+        if type(layer) is not _MaskedAR or not _plain_made(layer.hyper):
             return None
         if layer.hyper.in_features != layer.hyper[-1].out_features // layer.total:
             return None  # a context input: not an unconditional layer
@@ -156,14 +134,7 @@ def _layer_forward(layer: nn.Module, kind: str, const: dict, x: Tensor) -> tuple
     A spline layer's map runs as one :class:`_Spline` node, whose gradients
     are the derivatives that the score needs anyway.
     """
-    bound = getattr(layer, "input_bound", None)  # BoundedInputMAT's network reads B tanh(x / B)
-    if bound is None:
-        h, squash = x, None
-    else:
-        th = torch.tanh(x / bound)
-        h = bound * th
-        squash = (1 - th * th).detach()
-    saved = []
+    h, saved = x, []
     mods = list(layer.hyper)
     for i in range(0, len(mods), 2):
         m = mods[i]
@@ -180,7 +151,7 @@ def _layer_forward(layer: nn.Module, kind: str, const: dict, x: Tensor) -> tuple
     else:
         t = layer.univariate(*zuko.utils.unpack(phi, layer.shapes))
         y, ladj = t.call_and_ladj(x)
-    return y, ladj.sum(-1), (x, phi, t, saved, squash)
+    return y, ladj.sum(-1), (x, phi, t, saved)
 
 
 class _Spline(torch.autograd.Function):
@@ -202,9 +173,7 @@ class _Spline(torch.autograd.Function):
         t = layer.univariate(*zuko.utils.unpack(phi, layer.shapes))
         y, ladj = t.call_and_ladj(x)
         d, p = phi.shape[-2:]
-        scale = const["scale"]  # the spline reads scale * phi: derivatives in phi, times scale
-        tx, tp, lx, lp = _rqs_derivatives(t, _flat(x, d), scale * phi.reshape(-1, d, p), const)
-        derivs = (tx, scale * tp, lx, scale * lp)
+        derivs = _rqs_derivatives(t, _flat(x, d), phi.reshape(-1, d, p), const)
         found.append(derivs)
         ctx.save_for_backward(*derivs)
         ctx.shapes = x.shape, phi.shape
@@ -278,16 +247,16 @@ def _all_pieces(saved: list, d: int) -> list[tuple[Tensor, Tensor]]:
     groups: dict = {}
     for i, (kind, const, keep) in enumerate(saved):
         if kind == "affine":
-            key = (const["slope"], tuple(w.shape for _, w in keep[3]), keep[4] is None)
+            key = (const["slope"], tuple(w.shape for _, w in keep[3]))
             groups.setdefault(key, []).append(i)
         else:
             heads.append(([i], *_rqs_heads(keep, d)))
-    for (slope, _, _), members in groups.items():
+    for (slope, _), members in groups.items():
         heads.append((members, *_affine_heads(slope, [saved[i][2] for i in members], d), [None] * len(members)))
     closing: dict = {}
     for head in heads:
         keep = saved[head[0][0]][2]
-        key = (tuple(w.shape for _, w in keep[3][:-1]), keep[3][-1][1].shape[-1], keep[4] is None)
+        key = (tuple(w.shape for _, w in keep[3][:-1]), keep[3][-1][1].shape[-1])
         closing.setdefault(key, []).append(head)
     out: list = [None] * len(saved)
     for members in closing.values():
@@ -310,14 +279,10 @@ def _close(rows: Tensor, lrow: Tensor, keeps: list, diag: Tensor) -> tuple[Tenso
     ``rows`` (``(G, N, D, H)``) are those of :math:`\partial y_i / \partial h`
     and ``lrow`` (``(G, N, 1, H)``) that of :math:`\sum_i \partial \lambda_i / \partial h`;
     ``diag`` (``(G, N, D)``) is :math:`\partial y_i / \partial x_i` through the
-    univariate map's own argument. A network that reads :math:`B \tanh(x / B)`
-    (:class:`~pyro_flowguide.flows.BoundedInputMAT`) adds the factor
-    :math:`1 - \tanh^2(x / B)` per input.
+    univariate map's own argument.
     """
     m = _back_through_hidden(torch.cat((rows, lrow), -2), _hidden_stack(keeps))
     d = rows.shape[-2]
-    if keeps[0][4] is not None:
-        m = m * torch.stack([_flat(k[4], d) for k in keeps]).unsqueeze(-2)
     jac = m[..., :d, :]
     jac.diagonal(0, -2, -1).add_(diag)
     return jac, m[..., d, :]
@@ -365,7 +330,7 @@ def _affine_heads(slope: float, keeps: list, d: int) -> tuple[Tensor, Tensor, Te
 
 
 def _rqs_heads(keep: tuple, d: int) -> tuple[Tensor, Tensor, Tensor, list]:
-    _, phi, (tx, tp, lx, lp), nets, _ = keep  # derivatives from _Spline
+    _, phi, (tx, tp, lx, lp), nets = keep  # derivatives from _Spline
     p = phi.shape[-1]
     w_out = nets[-1][1]  # (D P, H)
     rows = (tp.transpose(0, 1) @ w_out.view(d, p, -1)).transpose(0, 1)  # (N, D, H), batched over i

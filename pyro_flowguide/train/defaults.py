@@ -15,11 +15,14 @@ from .losses import DEFAULT_ALPHA, RenyiDReG_ELBO
 __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
     "DEFAULT_CLIP_NORM",
+    "DEFAULT_DENSITY_FINAL_LR",
+    "DEFAULT_DENSITY_LR",
     "DEFAULT_FINAL_LR",
     "DEFAULT_LR",
     "DEFAULT_MAX_BAD_STEPS",
     "DEFAULT_NUM_PARTICLES",
     "DEFAULT_STEPS",
+    "LOSS_SMOOTHING",
     "TRAINING_DEFAULTS",
     "TrainingDefaults",
     "default_loss",
@@ -37,6 +40,13 @@ DEFAULT_CLIP_NORM = 10.0
 DEFAULT_NUM_PARTICLES = 4
 DEFAULT_CHECKPOINT_EVERY = 500
 DEFAULT_MAX_BAD_STEPS = 20
+
+#: Learning rate of :func:`~pyro_flowguide.train.density.fit_density` (decayed geometrically to the final one).
+DEFAULT_DENSITY_LR = 3e-3
+DEFAULT_DENSITY_FINAL_LR = 3e-4
+
+#: Weight of the newest loss in the exponential moving average shown and monitored.
+LOSS_SMOOTHING = 0.02
 
 
 def geometric_decay(lr: float, final_lr: float, steps: int) -> float:
@@ -100,8 +110,7 @@ class TrainingDefaults:
     loss: Callable = _elbo
 
 
-#: Guide type -> its training defaults; a subclass gets its nearest base's entry.
-#: The figures behind each entry are in ``benchmarks/RESULTS.md``.
+#: Guide type -> its training defaults (a subclass gets its nearest base's; figures in ``benchmarks/RESULTS.md``).
 TRAINING_DEFAULTS: dict[type, TrainingDefaults] = {
     AutoFlowGuide: TrainingDefaults(num_particles=32, final_lr=3e-4, loss=_flow_guide_loss),
     AutoAmortizedFlowGuide: TrainingDefaults(num_particles=8, final_lr=1e-4),

@@ -5,7 +5,7 @@ conditional :math:`p_\theta(x \mid c)`) to data by maximum likelihood. It is
 not a second training loop: it writes the data as a Pyro model
 (``pyro.sample("x", flow, obs=batch)`` under a subsampled plate, the flow
 registered with ``pyro.module``) with an empty guide, and hands it to
-:func:`~pyro_flowguide.infer.fit`, so the same callbacks (cache clearing,
+:func:`~pyro_flowguide.fit`, so the same callbacks (cache clearing,
 non-finite guard, progress, early stopping, checkpoints) apply. A held-out
 split is scored every ``eval_every`` steps; early stopping watches it and
 restores the parameters of the best validation score.
@@ -34,7 +34,9 @@ from pyro.infer import Trace_ELBO
 from pyro.optim import PyroOptim
 from torch import Tensor, nn
 
-from .loop import Callback, ClearFlowCaches, EarlyStopping, FitResult, FitState, fit
+from .callbacks import Callback, ClearFlowCaches, EarlyStopping
+from .defaults import DEFAULT_CLIP_NORM, DEFAULT_DENSITY_FINAL_LR, DEFAULT_DENSITY_LR, geometric_decay
+from .loop import FitResult, FitState, fit
 from ..transforms import ConditionalFlowTransform, FlowTransform, clear_flow_caches, flow_transform
 
 __all__ = [
@@ -45,9 +47,6 @@ __all__ = [
     "fit_density",
 ]
 
-#: Adam step size for density fitting (decayed geometrically to the final value).
-DEFAULT_DENSITY_LR = 3e-3
-DEFAULT_DENSITY_FINAL_LR = 3e-4
 _MODULE_NAME = "fit_density"
 
 
@@ -60,7 +59,7 @@ class DensityFit:
             a ``ConditionalTransformedDistribution`` when fitted with context).
         train_nll: Minibatch negative log-likelihood per point, every step.
         validation_steps, validation_nll: Held-out NLL per point and when it was measured.
-        result: The :class:`~pyro_flowguide.infer.FitResult` of the underlying fit.
+        result: The :class:`~pyro_flowguide.FitResult` of the underlying fit.
         module: The ``nn.Module`` holding the flow's parameters.
         validation_index: Which rows of ``data`` were held out.
     """
@@ -263,8 +262,8 @@ def fit_density(
     if patience is not None and not any(isinstance(cb, EarlyStopping) for cb in user):
         extra.append(EarlyStopping(patience=patience, monitor="val_loss" if validation else "loss"))
     if optim is None:
-        lrd = (DEFAULT_DENSITY_FINAL_LR / DEFAULT_DENSITY_LR) ** (1.0 / max(steps, 1))
-        optim = pyro.optim.ClippedAdam({"lr": DEFAULT_DENSITY_LR, "clip_norm": 10.0, "lrd": lrd})
+        lrd = geometric_decay(DEFAULT_DENSITY_LR, DEFAULT_DENSITY_FINAL_LR, steps)
+        optim = pyro.optim.ClippedAdam({"lr": DEFAULT_DENSITY_LR, "clip_norm": DEFAULT_CLIP_NORM, "lrd": lrd})
     result = fit(
         model,
         guide,

@@ -1,67 +1,14 @@
 r"""``RenyiDReG_ELBO``: the Rényi bound with a doubly-reparameterised gradient.
 
-For :math:`K` draws :math:`z_i \sim q` with log weights
-:math:`\log w_i = \log p(x, z_i) - \log q(z_i)`, the Rényi (variational Rényi)
-bound of order :math:`\alpha \in [0, 1)` is
-
-.. math:: \mathcal{L}_\alpha = \frac{1}{1-\alpha}
-          \log \frac{1}{K} \sum_i w_i^{1-\alpha},
-
-which is the importance-weighted bound at :math:`\alpha = 0` and tends to the
-ELBO as :math:`\alpha \to 1`. Pyro's ``RenyiELBO`` differentiates it with the
-plain reparameterisation gradient, whose variance does not vanish however good
-the guide is. This loss differentiates it as
-
-.. math:: \nabla_\phi \mathcal{L}_\alpha = \sum_i
-          \bigl(\alpha\, \hat w_i + (1-\alpha)\, \hat w_i^2\bigr)\,
-          \frac{\partial \log w_i}{\partial z_i}\,\frac{\partial z_i}{\partial \phi},
-          \qquad \hat w_i = \frac{w_i^{1-\alpha}}{\sum_j w_j^{1-\alpha}},
-
-the doubly-reparameterised form: the score-function part of the plain
-gradient, :math:`-\sum_i \hat w_i \nabla_\phi \log q_\phi(z_i)`, is rewritten as
-a path derivative, which is exact in expectation. Only the sampling path
-carries gradient, so every term is zero when the guide equals the posterior,
-as with "sticking the landing" for the ELBO (the coefficients are
-:math:`1/K` at :math:`\alpha = 1`, and :math:`\hat w_i^2` at :math:`\alpha = 0`,
-the estimator known as DReG for the importance-weighted bound). Parameters of
-the model itself get the plain gradient :math:`\sum_i \hat w_i \nabla_\theta
-\log p_\theta(x, z_i)`.
-
-The guide must supply log-densities that carry gradient along the sampling
-path only: :class:`~pyro_flowguide.AutoFlowGuide` does with
-``estimator="stl"`` (its default on latents of up to
-:data:`~pyro_flowguide.guides.STL_MAX_DIM` coordinates) and says so with
-``path_derivative_log_density``. Other guides are refused with a message.
-
-Why :func:`pyro_flowguide.fit` uses it with ``AutoFlowGuide`` (order 1/2, 32
-vectorised particles, lr 1e-2 decayed to 3e-4): w1 / PSIS k-hat, mean over
-seeds 0-2 of ``benchmarks/posteriors.py --trainer fit`` (2000 exact draws
-score w1 0.032 on the three exact targets):
-
-==================  ==================  =================  =================
-target              ELBO, lr -> 1e-3    order 1/2, 1e-3    order 1/2, 3e-4
-==================  ==================  =================  =================
-banana              0.030 / 0.40        0.032 / 0.28       0.035 / 0.31
-mixture             0.038 / 0.70        0.049 / 0.40       0.033 / 0.47
-funnel              0.041 / 0.53        0.035 / 0.52       0.036 / 0.58
-eight schools       0.040 / 0.72        0.047 / 0.75       0.040 / 0.60
-logistic regr.      0.033 / 0.21        0.032 / 0.16       0.031 / 0.19
-==================  ==================  =================  =================
-
-(The ELBO column uses sticking the landing, the same particles and schedule.
-The table predates the guide's non-centred coordinates: the banana, the funnel
-and eight schools now reach the flow non-centred, and a guide with non-centred
-sites trains on the ELBO, see :meth:`~pyro_flowguide.AutoFlowGuide.default_loss`.)
-A step costs what the ELBO's does: 0.94-1.06x with 32 particles on the
-mixture, eight schools and the logistic regression.
-The bound covers more of the posterior, so the mixture's k-hat falls; how
-evenly the guide shares mass between the mixture's two modes is still noisy
-at lr 1e-3 (w1 0.029-0.067 over six runs), and the lower final learning rate
-steadies it (the guides' mode weights were 0.483 and 0.507 at 1e-3 on seeds
-2 and 1, 0.493 and 0.493 at 3e-4). Order 0, the importance-weighted bound,
-lowered eight schools' k-hat to 0.48 but let the guide grow too wide: eight
-schools w1 0.12, banana 0.13-14.7 (one seed grew to twenty times the
-posterior's width).
+The Rényi bound of order :math:`\alpha \in [0, 1)` is the importance-weighted
+bound at :math:`\alpha = 0` and tends to the ELBO as :math:`\alpha \to 1`.
+Pyro's ``RenyiELBO`` differentiates it with the plain reparameterisation
+gradient, whose variance does not vanish however good the guide is; this loss
+uses the doubly-reparameterised form (see :class:`RenyiDReG_ELBO`), every term
+of which is zero when the guide equals the posterior. The guide must supply
+log-densities that carry gradient along the sampling path only:
+:class:`~pyro_flowguide.AutoFlowGuide` does with ``estimator="stl"`` and says
+so with ``path_derivative_log_density``; other guides are refused.
 
 Example:
     >>> import pyro, torch, pyro.distributions as dist
@@ -87,12 +34,34 @@ from torch import Tensor
 
 __all__ = ["RenyiDReG_ELBO", "DEFAULT_ALPHA"]
 
-#: The order :func:`pyro_flowguide.fit` uses with ``AutoFlowGuide`` (see the module docstring).
+#: The order :func:`pyro_flowguide.fit` uses with ``AutoFlowGuide`` (figures in ``benchmarks/RESULTS.md``).
 DEFAULT_ALPHA = 0.5
 
 
 class RenyiDReG_ELBO(Trace_ELBO):
     r"""Rényi bound of order ``alpha`` with the doubly-reparameterised gradient.
+
+    For :math:`K` draws :math:`z_i \sim q` with log weights
+    :math:`\log w_i = \log p(x, z_i) - \log q(z_i)`, the Rényi (variational Rényi)
+    bound of order :math:`\alpha \in [0, 1)` is
+
+    .. math:: \mathcal{L}_\alpha = \frac{1}{1-\alpha}
+              \log \frac{1}{K} \sum_i w_i^{1-\alpha},
+
+    which is the importance-weighted bound at :math:`\alpha = 0` and tends to the
+    ELBO as :math:`\alpha \to 1`. Pyro's ``RenyiELBO`` differentiates it with the
+    plain reparameterisation gradient, whose variance does not vanish however good
+    the guide is. This loss differentiates it as
+
+    .. math:: \nabla_\phi \mathcal{L}_\alpha = \sum_i
+              \bigl(\alpha\, \hat w_i + (1-\alpha)\, \hat w_i^2\bigr)\,
+              \frac{\partial \log w_i}{\partial z_i}\,\frac{\partial z_i}{\partial \phi},
+              \qquad \hat w_i = \frac{w_i^{1-\alpha}}{\sum_j w_j^{1-\alpha}},
+
+    the doubly-reparameterised form: only the sampling path carries gradient,
+    so every term is zero when the guide equals the posterior. Parameters of the
+    model itself get the plain gradient :math:`\sum_i \hat w_i \nabla_\theta
+    \log p_\theta(x, z_i)`.
 
     Arguments:
         alpha: The order, in ``[0, 1)``: 0 is the importance-weighted bound;
@@ -102,9 +71,9 @@ class RenyiDReG_ELBO(Trace_ELBO):
         max_plate_nesting: As for ``Trace_ELBO``.
 
     ``loss`` and ``loss_and_grads`` return :math:`-\mathcal{L}_\alpha`. The guide
-    must be reparameterised and give path-only log-densities (see the module
-    docstring); ``differentiable_loss`` is not offered, since one scalar cannot
-    carry different weights for the guide's and the model's parameters.
+    must be reparameterised and give path-only log-densities (see above);
+    ``differentiable_loss`` is not offered, since one scalar cannot carry
+    different weights for the guide's and the model's parameters.
     """
 
     def __init__(

@@ -74,6 +74,7 @@ def test_gradient_vanishes_at_the_posterior():
     assert flat_grad(plain).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.0, DEFAULT_ALPHA])
 def test_gradient_is_unbiased(alpha):
     """Away from the posterior its mean matches the plain gradient of the same bound."""

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -17,8 +18,11 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 
-import pyro_flowguide as pfg
-from pyro_flowguide.train import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
+
+import pyro_flowguide as pfg  # noqa: E402
+from benchmarks.memory import HAS_PROC, rss_mb  # noqa: E402
+from pyro_flowguide.train import (  # noqa: E402
     Callback,
     CheckpointMismatchError,
     EarlyStopping,
@@ -27,7 +31,7 @@ from pyro_flowguide.train import (
     fit,
     load_checkpoint,
 )
-from pyro_flowguide.transforms import flow_transform
+from pyro_flowguide.transforms import flow_transform  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -180,6 +184,7 @@ class Record(Callback):
         self.smoothed[state.step] = state.smoothed_loss
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_on_plateau_and_restores_best():
     record = Record()
     stopper = EarlyStopping(patience=100, min_delta=0.01)
@@ -213,6 +218,7 @@ class StopAt(Callback):
             state.stop_reason = "stopped by test"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guide_kind", ["autonormal", "flow"])
 def test_resume_is_bit_exact(tmp_path, guide_kind):
     def make_guide():
@@ -301,6 +307,7 @@ _KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     proc = subprocess.Popen(
@@ -385,6 +392,7 @@ def test_particle_count_follows_the_guide_unless_given():
     assert result.num_particles == 4 and result.vectorized is False
 
 
+@pytest.mark.slow
 def test_learning_rate_schedule_follows_the_guide_unless_given(monkeypatch):
     from pyro_flowguide.train.defaults import TRAINING_DEFAULTS, TrainingDefaults, training_defaults
 
@@ -418,16 +426,8 @@ def test_result_plot_and_repr():
 # ---------------------------------------------------------------------------- 5. memory
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")  # pragma: no cover
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="needs /proc")
 def test_memory_stays_flat():
     # The acceptance figure (20,000 steps, < 20 MB) comes from
     # `python benchmarks/fit_overhead.py --memory`; here 3,000 steps must stay
@@ -436,13 +436,10 @@ def test_memory_stays_flat():
         z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
         pyro.sample("w", dist.Normal(z.sum(-1), 1.0))
 
-    if hasattr(pfg, "AutoFlowGuide"):
-        m, guide, args = target, pfg.AutoFlowGuide(target, hidden_features=(8, 8), transforms=1), ()
-    else:  # a hand-written flow guide exercises the same transform caches
-        m, guide, args = model, _new_flow_guide(), (DATA,)
-    fit(m, guide, *args, steps=500, progress=False, seed=0)  # warm up the allocator and lazy imports
-    before = _rss_mb()
-    result = fit(m, guide, *args, steps=3_000, progress=False)
-    grown = _rss_mb() - before
+    guide = pfg.AutoFlowGuide(target, hidden_features=(8, 8), transforms=1)
+    fit(target, guide, steps=500, progress=False, seed=0)  # warm up the allocator and lazy imports
+    before = rss_mb()
+    result = fit(target, guide, steps=3_000, progress=False)
+    grown = rss_mb() - before
     assert result.steps == 3_000
     assert grown < 3, f"RSS grew by {grown:.1f} MB"

@@ -8,7 +8,7 @@ import zuko
 from torch import nn
 
 import pyro_flowguide as pfg
-from pyro_flowguide.guides import flow_guide as guides, stl as _made_score
+from pyro_flowguide.guides import posterior, stl
 from pyro_flowguide.flows import SplineMAF
 
 
@@ -41,12 +41,12 @@ def test_closed_form_score_matches_autograd(flow, dim, dtype, batch):
     guide = _guide(flow, dim, dtype)
     parts, base = guide.get_transform(), guide.get_base_dist()
     _perturb(parts[0].lazy, seed=dim)
-    assert guides._made_layers(parts[:-1]) is not None
+    assert posterior.made_layers_of(parts[:-1]) is not None
     torch.manual_seed(1)
     # Wide draws: many fall outside the splines' [-5, 5], where they are the identity.
     eps = 3.0 * base.sample(batch)
-    u, log_q, score = guides._draw_with_score(parts, base, eps)
-    u_ref, log_q_ref, score_ref = guides._draw_with_batched_score(parts, base, eps)
+    u, log_q, score = posterior.draw_with_score(parts, base, eps)
+    u_ref, log_q_ref, score_ref = posterior.draw_with_batched_score(parts, base, eps)
     # The draw runs Zuko's own operations: the same values, bit for bit.
     assert torch.equal(u, u_ref) and torch.equal(log_q, log_q_ref)
     assert score.shape == batch + (dim,) and not score.requires_grad
@@ -60,8 +60,8 @@ def test_closed_form_score_any_depth(hidden):
     parts, base = guide.get_transform(), guide.get_base_dist()
     _perturb(parts[0].lazy)
     eps = base.sample((5,))
-    score = guides._draw_with_score(parts, base, eps)[2]
-    torch.testing.assert_close(score, guides._draw_with_batched_score(parts, base, eps)[2])
+    score = posterior.draw_with_score(parts, base, eps)[2]
+    torch.testing.assert_close(score, posterior.draw_with_batched_score(parts, base, eps)[2])
 
 
 def test_spline_bins_and_bound_are_read_from_the_flow():
@@ -71,7 +71,7 @@ def test_spline_bins_and_bound_are_read_from_the_flow():
     _perturb(lazy)
     eps = 2.0 * torch.randn(6, 3, dtype=torch.float64)
     lazy = lazy.double()
-    y, ladj, score = _made_score.draw_and_score(_made_layers_or_fail(lazy), eps)
+    y, ladj, score = stl.draw_and_score(_made_layers_or_fail(lazy), eps)
     # The score by autograd: J^{-T} (-eps - grad log|det J|).
     e = eps.clone().requires_grad_(True)
     y_ref, ladj_ref = lazy(None).call_and_ladj(e)
@@ -83,7 +83,7 @@ def test_spline_bins_and_bound_are_read_from_the_flow():
 
 
 def _made_layers_or_fail(lazy):
-    layers = _made_score.made_layers(lazy)
+    layers = stl.made_layers(lazy)
     assert layers is not None
     return layers
 
@@ -101,27 +101,27 @@ def _made_layers_or_fail(lazy):
     ids=["elu", "residual", "context", "coupling", "naf", "one-feature"],
 )
 def test_other_layers_take_the_general_route(lazy):
-    assert _made_score.made_layers(lazy) is None
+    assert stl.made_layers(lazy) is None
 
 
 def test_a_guide_outside_the_closed_form_trains_on_the_general_route():
     guide = _guide("MAF", 3, activation=nn.ELU)
-    assert guide.estimator == "stl" and guides._made_layers(guide.get_transform()[:-1]) is None
+    assert guide.estimator == "stl" and posterior.made_layers_of(guide.get_transform()[:-1]) is None
     parts, base = guide.get_transform(), guide.get_base_dist()
-    u, log_q, score = guides._draw_with_score(parts, base, base.sample((4,)))
+    u, log_q, score = posterior.draw_with_score(parts, base, base.sample((4,)))
     assert torch.isfinite(score).all() and score.shape == (4, 3)
 
 
 @pytest.mark.parametrize(
     "flow, hyper",
-    [("SplineMAF", {}), ("NSF", {}), ("SplineMAF", {"input_bound": 2.0, "randperm": True})],
-    ids=["splinemaf", "nsf", "bounded-randperm"],
+    [("SplineMAF", {}), ("NSF", {}), ("SplineMAF", {"randperm": True})],
+    ids=["splinemaf", "nsf", "randperm"],
 )
 def test_stl_gradients_are_those_of_the_general_route(monkeypatch, flow, hyper):
     """One SVI step's gradients with the closed-form score equal those with autograd's.
 
     The closed-form route also takes spline layers' gradients in closed form
-    (``_made_score._Spline``); NSF's later splines read inputs that need them.
+    (``stl._Spline``); NSF's later splines read inputs that need them.
     """
 
     def model():
@@ -140,33 +140,11 @@ def test_stl_gradients_are_those_of_the_general_route(monkeypatch, flow, hyper):
         return {n: p.grad.clone() for n, p in guide.named_parameters()}
 
     closed = grads()
-    monkeypatch.setattr(guides, "_made_layers", lambda flow: None)
+    monkeypatch.setattr(posterior, "made_layers_of", lambda flow: None)
     general = grads()
     assert closed.keys() == general.keys()
     for name in closed:
         torch.testing.assert_close(closed[name], general[name], rtol=1e-9, atol=1e-12)
-
-
-def test_a_scaled_spline_is_zukos_spline_of_scaled_parameters():
-    from pyro_flowguide.flows import ScaledSpline, SplineMAF
-
-    guide = _guide("SplineMAF", 3, spline_scale=0.3)
-    parts, base = guide.get_transform(), guide.get_base_dist()
-    (spline, *_) = parts[0].lazy.transforms
-    assert isinstance(spline.univariate, ScaledSpline) and spline.univariate.scale == 0.3
-    assert not isinstance(SplineMAF(3).transform.transforms[0].univariate, ScaledSpline)
-    raw = [torch.randn(4, 2, n, dtype=torch.float64) for n in (8, 8, 7)]
-    x = 3 * torch.randn(4, 2, dtype=torch.float64)
-    y, ladj = ScaledSpline(0.3)(*raw).call_and_ladj(x)
-    y_ref, ladj_ref = zuko.transforms.MonotonicRQSTransform(*(0.3 * r for r in raw)).call_and_ladj(x)
-    assert torch.equal(y, y_ref) and torch.equal(ladj, ladj_ref)
-    # The closed-form score knows the scale.
-    _perturb(parts[0].lazy)
-    eps = 3.0 * base.sample((6,))
-    score = guides._draw_with_score(parts, base, eps)[2]
-    torch.testing.assert_close(score, guides._draw_with_batched_score(parts, base, eps)[2])
-    with pytest.raises(ValueError, match="spline_scale must be a positive number"):
-        SplineMAF(2, spline_scale=0.0)
 
 
 def test_a_guide_just_called_for_training_can_be_copied_and_pickled():
@@ -179,43 +157,6 @@ def test_a_guide_just_called_for_training_can_be_copied_and_pickled():
         a = guide.sample_posterior(5)["z"]
         pyro.set_rng_seed(3)
         assert torch.equal(a, other.sample_posterior(5)["z"])
-
-
-def test_spline_maf_networks_read_bounded_inputs():
-    from pyro_flowguide.flows import BoundedInputMAT, SplineMAF
-
-    torch.manual_seed(0)
-    flow = SplineMAF(3, hidden_features=(16, 16), input_bound=4.0)
-    torch.manual_seed(0)
-    plain = SplineMAF(3, hidden_features=(16, 16))
-    layers, plain_layers = flow.transform.transforms, plain.transform.transforms
-    assert all(type(t) is BoundedInputMAT and t.input_bound == 4.0 for t in layers)
-    assert all(type(t) is zuko.flows.MaskedAutoregressiveTransform for t in plain_layers)
-    # The same weights, so the same initial flow as Zuko's layers.
-    state, plain_state = flow.state_dict(), plain.state_dict()
-    assert state.keys() == plain_state.keys()
-    assert all(torch.equal(state[k], plain_state[k]) for k in state)
-    _perturb(flow.transform)
-    plain.load_state_dict(flow.state_dict())
-    x = torch.tensor([[0.5, -1.0, 2.0], [50.0, -80.0, 30.0], [500.0, -800.0, 300.0]])
-    # The network of a bounded layer reads 4 tanh(x / 4); the element-wise map acts on x.
-    for t, p in zip(layers, plain_layers):
-        y, ladj = t(None).call_and_ladj(x)
-        squashed = p.meta(None, 4.0 * torch.tanh(x / 4.0))
-        y_ref, ladj_ref = squashed.call_and_ladj(x)
-        torch.testing.assert_close(y, y_ref)
-        torch.testing.assert_close(ladj, ladj_ref)
-    # Far out, a bounded layer is one fixed map; Zuko's ReLU networks keep changing theirs.
-    affine, plain_affine = layers[1], plain_layers[1]
-    far, farther = affine.meta(None, x[1]), affine.meta(None, x[2])
-    torch.testing.assert_close(far.base.log_scale, farther.base.log_scale, rtol=0, atol=1e-6)
-    plain_far, plain_farther = plain_affine.meta(None, x[1]), plain_affine.meta(None, x[2])
-    assert (plain_far.base.log_scale - plain_farther.base.log_scale).abs().max() > 0.1
-    # One feature: Zuko's element-wise layer; bad bounds are refused.
-    assert SplineMAF(1, input_bound=4.0)().sample((4,)).shape == (4, 1)
-    for bad in (0.0, -1.0, float("inf"), "4"):
-        with pytest.raises(ValueError, match="input_bound must be a positive number"):
-            SplineMAF(2, input_bound=bad)
 
 
 @pytest.mark.parametrize(
@@ -240,7 +181,7 @@ def test_triangular_jacobians_are_found_from_the_masks(make, kinds):
         lower, upper = (jac.triu(1) == 0).all(), (jac.tril(-1) == 0).all()
         assert const["triangle"] == ("lower" if lower else "upper" if upper else None)
     eps = 2.0 * torch.randn(6, 5, dtype=torch.float64)
-    y, ladj, score = _made_score.draw_and_score(layers, eps)
+    y, ladj, score = stl.draw_and_score(layers, eps)
     e = eps.clone().requires_grad_(True)
     y_ref, ladj_ref = lazy(None).call_and_ladj(e)
     jac = torch.autograd.functional.jacobian(lambda v: lazy(None)(v).sum(0), e).movedim(1, 0)
@@ -253,13 +194,13 @@ def test_triangular_jacobians_are_found_from_the_masks(make, kinds):
 def test_spline_node_gradients_are_zukos():
     """``_Spline``'s closed-form gradients in x and in the raw parameters equal autograd's through Zuko."""
     layer = zuko.flows.NSF(4, transforms=1, bins=6, hidden_features=(8,)).transform.transforms[0].double()
-    (_, const), gen = _made_score._univariate_kind(layer), torch.Generator().manual_seed(0)
+    (_, const), gen = stl._univariate_kind(layer), torch.Generator().manual_seed(0)
     const = {**const, "triangle": "lower"}
     # Draws inside and outside the spline's [-5, 5]; 2 x 3 batch dims.
     x = (4.0 * torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)).requires_grad_(True)
     phi = torch.randn(2, 3, 4, layer.total, generator=gen, dtype=torch.float64).requires_grad_(True)
     gy, gl = torch.randn(2, 2, 3, 4, generator=gen, dtype=torch.float64)
-    y, ladj = _made_score._Spline.apply(x, phi, layer, const, [])
+    y, ladj = stl._Spline.apply(x, phi, layer, const, [])
     y_ref, ladj_ref = layer.univariate(*zuko.utils.unpack(phi, layer.shapes)).call_and_ladj(x)
     assert torch.equal(y, y_ref) and torch.equal(ladj, ladj_ref)
     for cot in ((gy, gl), (gy, None), (None, gl)):

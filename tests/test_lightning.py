@@ -99,7 +99,7 @@ def _fit(
         (x, y),
         steps=steps,
         batch_size=batch_size,
-        elbo=Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True, max_plate_nesting=1),
+        loss=Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True, max_plate_nesting=1),
         lr=0.05,
         final_lr=2e-4,
         devices=devices,
@@ -311,3 +311,14 @@ def test_losses_without_a_differentiable_loss_are_refused_early():
     model = _Regression(8)
     with pytest.raises(TypeError, match="RenyiDReG_ELBO has no differentiable_loss.*use Trace_ELBO"):
         SVIModule(model, AutoFlowGuide(model), RenyiDReG_ELBO(0.5, num_particles=4), num_data=8)
+
+
+def test_the_elbo_keyword_is_deprecated_for_loss(tmp_path):
+    x, y = _data()
+    model = _Regression(N)
+    common = dict(steps=1, batch_size=16, devices=1, progress=False, seed=0, default_root_dir=tmp_path)
+    with pytest.warns(DeprecationWarning, match=r"elbo=.*deprecated.*loss="):
+        result = fit_distributed(model, AutoMultivariateNormal(model), (x, y), elbo=Trace_ELBO(), **common)
+    assert isinstance(result.module.elbo, Trace_ELBO)
+    with pytest.raises(TypeError, match="both loss= and its deprecated name elbo="):
+        fit_distributed(model, AutoMultivariateNormal(model), (x, y), loss=Trace_ELBO(), elbo=Trace_ELBO(), **common)

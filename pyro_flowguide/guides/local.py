@@ -1,0 +1,346 @@
+"""The amortized guide's local pieces: the encoder MLP, the per-site layer and posterior, and the set-up checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.distributions.util import sum_rightmost
+from torch import Tensor, nn
+from torch.distributions import biject_to
+
+from ..flows.registry import resolve_flow
+from ..transforms import flow_transform
+from .sites import GuideSetupError, bijection, check_context
+
+__all__ = [
+    "LocalLayer",
+    "LocalPosterior",
+    "MLP",
+    "check_amortized_sites",
+    "check_plate_members",
+    "init_unconstrained",
+    "local_frame",
+    "make_encoder",
+    "read_plates",
+    "subsample_indices",
+]
+
+
+def subsample_indices(size: int, subsample_size: int | None, device=None) -> Tensor | None:
+    r"""A uniformly random subset of ``subsample_size`` distinct indices of ``range(size)``.
+
+    The same distribution as Pyro's plate subsampling, at O(B log B) instead of
+    O(N) when ``B (B - 1) / 2 <= N``: draw B indices with ``torch.randint`` and
+    redraw if any repeats (at most :math:`e` tries on average). Smaller
+    populations use ``torch.randperm``. Returns ``None`` for the full range.
+
+    Example:
+        >>> idx = subsample_indices(10**6, 256)
+        >>> idx.shape, idx.unique().numel()
+        (torch.Size([256]), 256)
+    """
+    if subsample_size is None or subsample_size >= size:
+        return None
+    if subsample_size * (subsample_size - 1) <= 2 * size:
+        while True:
+            idx = torch.randint(size, (subsample_size,), device=device)
+            if subsample_size < 2 or not bool((idx.sort().values.diff() == 0).any()):
+                return idx
+    return torch.randperm(size, device=device)[:subsample_size]
+
+
+class MLP(nn.Sequential):
+    """The default encoder: linear layers with ELU activations."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int]) -> None:
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_features, width), nn.ELU()]
+            in_features = width
+        super().__init__(*layers)
+
+
+class LocalPosterior(dist.TorchDistribution):
+    r"""q(z_i | context) for every datum of a subsample, as one Pyro distribution.
+
+    ``batch_shape`` is the site's (the subsample size at the plate's dim),
+    ``event_shape`` the site's. A draw and its log-density come from one pass;
+    scoring one's own draw reuses it, any other value is inverted.
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(
+        self,
+        layer: LocalLayer,
+        flow_t: Any,
+        loc: Tensor,
+        scale: Tensor,
+        batch_shape: torch.Size,
+        event_shape: torch.Size,
+    ) -> None:
+        self.layer = layer
+        self.flow_t = flow_t
+        self.loc = loc
+        self.scale = scale
+        self._last: tuple[Tensor, Tensor] | None = None
+        super().__init__(batch_shape, event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.layer.support
+
+    def expand(self, batch_shape, _instance=None):
+        return LocalPosterior(
+            self.layer, self.flow_t, self.loc, self.scale, torch.Size(batch_shape), self.event_shape
+        )
+
+    def _lead(self, shape: torch.Size) -> torch.Size:
+        # Everything left of the local plate's dim: sample shape and particle plates.
+        return shape[: len(shape) - self.layer.plate_nesting]
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        layer = self.layer
+        shape = torch.Size(sample_shape) + self.batch_shape
+        b = shape[len(shape) - layer.plate_nesting]
+        eps = torch.randn(self._lead(shape) + (b, layer.dim), dtype=self.loc.dtype, device=self.loc.device)
+        log_q = -0.5 * eps.pow(2).sum(-1) - 0.5 * layer.dim * math.log(2 * math.pi)
+        if self.flow_t is not None:
+            y, ladj = self.flow_t.call_and_ladj(eps)
+            log_q = log_q - ladj
+        else:
+            y = eps
+        u = self.loc + self.scale * y
+        log_q = log_q - self.scale.log().sum(-1)
+        value, ladj = layer.to_site(u)
+        log_q = log_q - ladj
+        log_q = log_q.reshape(log_q.shape + (1,) * (layer.plate_nesting - 1))
+        self._last = (value, log_q)
+        return value
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        last = self._last
+        if last is not None and last[0] is value:
+            return last[1]
+        layer = self.layer
+        u, ladj_site = layer.from_site(value)
+        y = (u - self.loc) / self.scale
+        log_q = -ladj_site - self.scale.log().sum(-1)
+        if self.flow_t is not None:
+            eps = self.flow_t.inv(y)
+            log_q = log_q - self.flow_t.log_abs_det_jacobian(eps, y)
+        else:
+            eps = y
+        log_q = log_q - 0.5 * eps.pow(2).sum(-1) - 0.5 * layer.dim * math.log(2 * math.pi)
+        return log_q.reshape(log_q.shape + (1,) * (layer.plate_nesting - 1))
+
+
+class LocalLayer(nn.Module):
+    """Encoder, affine heads and conditional flow of one amortized site."""
+
+    def __init__(
+        self,
+        site: dict,
+        plate_dim: int,
+        encoder: nn.Module,
+        features: int,
+        context_loc: Tensor,
+        context_scale: Tensor,
+        global_dim: int,
+        init_loc: Tensor,
+        init_scale: float,
+        flow: Any,
+        hyper: dict,
+        global_head: int | None = None,
+    ) -> None:
+        super().__init__()
+        fn = site["fn"]
+        self.site_name = site["name"]
+        self.support = fn.support
+        self.event_dim = fn.event_dim
+        self.event_shape = fn.event_shape
+        self.plate_nesting = -plate_dim
+        self.transform = biject_to(fn.support)
+        self.unconstrained_event_shape = self.transform.inv.forward_shape(fn.event_shape)
+        self.dim = max(1, math.prod(self.unconstrained_event_shape))
+        self.features = features
+        self.global_dim = global_dim
+        self.encoder = encoder
+        # Networks see unit-scale inputs: each context column is standardised with
+        # the mean and sd of the rows seen at set-up (kept in the state dict).
+        self.register_buffer("context_loc", context_loc)
+        self.register_buffer("context_scale", context_scale)
+        width = features + global_dim
+        # Zero weights: at the start every datum gets the init loc and scale,
+        # while gradients still reach the weights (and the encoder) at once.
+        last = nn.Linear(width if global_head is None else global_head, 2 * self.dim)
+        nn.init.zeros_(last.weight)
+        with torch.no_grad():
+            last.bias[: self.dim] = init_loc
+            last.bias[self.dim :] = math.log(math.expm1(init_scale))
+        if global_head is None:
+            self.head = last
+        else:
+            # With globals, loc and scale are nonlinear in them (a random effect's sd
+            # is a sigmoid-like function of the log population scale).
+            self.head = nn.Sequential(nn.Linear(width, global_head), nn.ELU(), last)
+        if flow is None:
+            self.flow = None
+        else:
+            hyper = dict(hyper)
+            if resolve_flow(flow).takes_hyper:
+                hyper.setdefault("hidden_features", (max(64, 4 * self.dim),) * 2)
+            self.flow = flow_transform(flow, self.dim, context=width, direction="sample", identity_init=True, **hyper)
+
+    def to_site(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat unconstrained ``(..., B, D)`` to the site's value and the log-Jacobian per datum."""
+        lead = u.shape[:-1]
+        uc = u.reshape(lead + (1,) * (self.plate_nesting - 1) + self.unconstrained_event_shape)
+        value = self.transform(uc)
+        ladj = self.transform.log_abs_det_jacobian(uc, value)
+        ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + self.event_dim)
+        return value, ladj.reshape(lead)
+
+    def from_site(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        uc = self.transform.inv(value)
+        ladj = self.transform.log_abs_det_jacobian(uc, value)
+        ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + self.event_dim)
+        batch = uc.shape[: uc.dim() - len(self.unconstrained_event_shape)]
+        lead = batch[: len(batch) - self.plate_nesting + 1]
+        return uc.reshape(lead + (self.dim,)), ladj.reshape(lead)
+
+    def posterior(self, context: Tensor, globals_: Tensor | None, batch_shape, event_shape) -> LocalPosterior:
+        h = self.encoder((context - self.context_loc) / self.context_scale)
+        if globals_ is not None:
+            # Globals carry particle dims (P, 1, ..., 1, G) aligned with the site's batch
+            # dims; drop those right of the plate's dim to match the (..., B, H) layout.
+            gb = globals_.shape[:-1]
+            keep = gb[: len(gb) - self.plate_nesting + 1] if len(gb) >= self.plate_nesting else ()
+            globals_ = globals_.reshape(keep + globals_.shape[-1:])
+            lead = torch.broadcast_shapes(globals_.shape[:-1], h.shape[:-1])
+            h = torch.cat([h.expand(lead + h.shape[-1:]), globals_.expand(lead + globals_.shape[-1:])], -1)
+        loc, raw = self.head(h).split(self.dim, -1)
+        scale = F.softplus(raw)
+        flow_t = None if self.flow is None else self.flow.condition(h)
+        return LocalPosterior(self, flow_t, loc, scale, batch_shape, event_shape)
+
+
+def check_amortized_sites(sites: dict, context_fns: Mapping, model_name: str) -> None:
+    """The latent sites the amortized guide serves: every local one named, continuous, in vectorised plates."""
+    latent = sorted(sites)
+    for name in context_fns:
+        if name not in sites:
+            raise GuideSetupError(
+                f"amortized names site {name!r}, which is not a latent sample site of "
+                f"model {model_name!r}; latent sites: {latent}"
+            )
+    for name, site in sites.items():
+        fn = site["fn"]
+        if fn.support.is_discrete:
+            raise GuideSetupError(
+                f"site {name!r} of model {model_name!r} is discrete "
+                f"({type(fn).__name__}); AutoAmortizedFlowGuide covers continuous latents "
+                "only. Enumerate it out (@config_enumerate with TraceEnum_ELBO) or guide it "
+                "separately with AutoGuideList."
+            )
+        bijection(site)
+        for frame in site["cond_indep_stack"]:
+            if not frame.vectorized:
+                raise GuideSetupError(
+                    f"site {name!r} is inside the sequential plate {frame.name!r}; "
+                    "AutoAmortizedFlowGuide needs vectorised plates (pyro.plate used as "
+                    "a context manager)."
+                )
+            subsampled = frame.full_size is not None and frame.full_size != frame.size
+            if subsampled and name not in context_fns:
+                raise GuideSetupError(
+                    f"latent site {name!r} is inside plate {frame.name!r}, which is "
+                    f"subsampled ({frame.size} of {frame.full_size}), but it is not in "
+                    "amortized: every local latent under a subsampled plate needs a "
+                    f"context function, e.g. amortized={{..., {name!r}: lambda x, "
+                    "batch_size=None: x} (the rows of the data it depends on)."
+                )
+
+def local_frame(site: dict):
+    """The one vectorised plate of an amortized site."""
+    name = site["name"]
+    frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+    if not frames:
+        raise GuideSetupError(
+            f"amortized site {name!r} is not inside any pyro.plate; an amortized latent "
+            "has one value per datum, so sample it inside the data plate (and remove it "
+            "from amortized if it is a global latent)."
+        )
+    if len(frames) > 1:
+        raise GuideSetupError(
+            f"amortized site {name!r} is inside several plates "
+            f"({[f.name for f in frames]}); AutoAmortizedFlowGuide supports one local "
+            "plate per site: move the inner dimensions into the event (.to_event(1))."
+        )
+    return frames[0]
+
+def check_plate_members(sites: dict, context_fns: Mapping, site_plate: dict, local_plates: dict) -> None:
+    """Raises if a latent site shares a local plate with the amortized sites without being amortized."""
+    # A plate holding an amortized site is drawn by this guide; another latent in it
+    # would need the same per-datum treatment.
+    for name, site in sites.items():
+        if name in context_fns:
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.name in local_plates:
+                raise GuideSetupError(
+                    f"latent site {name!r} is inside plate {frame.name!r}, which holds "
+                    f"the amortized sites {sorted(n for n, p in site_plate.items() if p == frame.name)}, "
+                    f"but it is not in amortized; add it: amortized={{..., {name!r}: "
+                    "<context function>}."
+                )
+
+def read_plates(trace, context_fns: Mapping, site_plate: dict, args: tuple, kwargs: dict) -> dict:
+    """Full and subsample size of each local plate for this call, with the context checks."""
+    info = {}
+    for name, site in trace.iter_stochastic_nodes():
+        if name not in context_fns:
+            continue
+        frames = [f for f in site["cond_indep_stack"] if f.name == site_plate[name]]
+        if not frames:
+            raise GuideSetupError(
+                f"amortized site {name!r} left plate {site_plate[name]!r} when the "
+                "model was called with new arguments; build a new guide for this model."
+            )
+        frame = frames[0]
+        full = frame.full_size if frame.full_size is not None else frame.size
+        info[frame.name] = (full, frame.size, frame.dim)
+        context = context_fns[name](*args, **kwargs)
+        check_context(name, context, frame.name, full)
+    for name in context_fns:
+        if name not in trace.nodes:
+            raise GuideSetupError(
+                f"amortized site {name!r} disappeared when the model was called with new "
+                "arguments; build a new guide for this model call."
+            )
+    return info
+
+def make_encoder(encoder: Any, name: str, width: int, features: Sequence[int]) -> nn.Module:
+    """The encoder of site ``name``: the one given (or given for it), else an :class:`MLP`."""
+    if isinstance(encoder, Mapping):
+        encoder = encoder.get(name)
+    if encoder is None:
+        return MLP(width, features)
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"encoder must be an nn.Module (or a dict of them), got {type(encoder).__name__}")
+    return encoder
+
+def init_unconstrained(init_loc_fn: Callable, site: dict, plate_dim: int) -> Tensor:
+    """A local site's initial unconstrained value: the mean over the prototype's rows."""
+    value = init_loc_fn(site).detach()
+    u = biject_to(site["fn"].support).inv(value)
+    event = u.dim() - len(site["fn"].batch_shape)
+    batch = u.shape[: u.dim() - event]
+    rows = u.reshape(batch[: len(batch) + plate_dim + 1] + (-1,))
+    return rows.reshape(-1, rows.shape[-1]).mean(0)
