@@ -25,4 +25,6 @@ SLOW_FAMILIES = frozenset({"CNF", "UNAF", "NAF", "BPF"})
 def family_case(name, *values):
     """A parametrisation entry for a flow family, marked slow for :data:`SLOW_FAMILIES`."""
     args = (name, *values)
-    return pytest.param(*args, marks=pytest.mark.slow) if name in SLOW_FAMILIES else args
+    if name in SLOW_FAMILIES:
+        return pytest.param(*args, marks=pytest.mark.slow)
+    return args if values else name
