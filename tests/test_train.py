@@ -16,7 +16,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer.autoguide import AutoNormal
+from pyro import poutine
+from pyro.infer import config_enumerate
+from pyro.infer.autoguide import AutoDelta, AutoNormal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
 
@@ -47,6 +49,8 @@ def model(y):
     if FLAGS["mode"] == "grad":
         # Finite value (0), NaN gradient: d sqrt(u)/du at u = 0 times du/dz = 0.
         pyro.factor("kink", torch.sqrt(z - z))
+    if FLAGS["mode"] == "outlier":
+        pyro.factor("outlier", torch.tensor(-1e30))  # a finite loss of 1e30, no gradient
     with pyro.plate("data", len(y)):
         pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
 
@@ -200,6 +204,49 @@ def test_early_stopping_stops_on_plateau_and_restores_best():
     # ... and the parameters now in the store are exactly those of that step, not the last.
     assert _same(_params(), record.params[best])
     assert not _same(record.params[result.steps], record.params[best])
+
+
+class OutlierAt(Callback):
+    """Makes the loss of one (1-based) step 1e30; records the smoothed loss after each step."""
+
+    def __init__(self, step):
+        self.step, self.smoothed = step, {}
+
+    def on_start(self, state):
+        FLAGS["mode"] = "outlier" if state.step + 1 == self.step else None
+
+    def on_step(self, state):
+        self.smoothed[state.step] = state.smoothed_loss
+        FLAGS["mode"] = "outlier" if state.step + 1 == self.step else None
+
+
+def test_one_outlier_loss_neither_wrecks_the_smoothed_loss_nor_stops_the_fit():
+    outlier = OutlierAt(94)
+    stopper = EarlyStopping(patience=200)
+    result = fit(
+        model, AutoNormal(model), DATA, steps=2000, progress=False, seed=0, callbacks=[outlier, stopper]
+    )
+    assert result.losses[93] == pytest.approx(1e30, rel=1e-3)
+    assert max(outlier.smoothed[s] for s in range(94, result.steps + 1)) < 1e3
+    assert result.steps != 294 and stopper.best_step > 94
+    assert math.isfinite(result.smoothed_loss) and result.smoothed_loss < 1e3
+
+
+def test_early_stopping_reused_for_a_second_fit_starts_afresh():
+    stopper = EarlyStopping(patience=50, min_delta=0.01)
+    first = fit(model, AutoNormal(model), DATA, steps=1500, progress=False, seed=0, callbacks=[stopper])
+    assert first.stop_reason.startswith("early stopping")
+    far = DATA + 10.0  # a higher loss throughout: never below the first fit's best
+    pyro.clear_param_store()
+    alone = fit(model, AutoNormal(model), far, steps=first.steps + 100, progress=False, seed=0)
+    want = _params()
+    pyro.clear_param_store()
+    second = fit(
+        model, AutoNormal(model), far, steps=first.steps + 100, progress=False, seed=0, callbacks=[stopper]
+    )
+    # The stopper judged the second fit on its own: it ran as it would have without it.
+    assert (second.steps, second.stop_reason) == (alone.steps, alone.stop_reason)
+    assert _same(_params(), want)
 
 
 # ---------------------------------------------------------------------------- 3. checkpoints
@@ -443,3 +490,54 @@ def test_memory_stays_flat():
     grown = rss_mb() - before
     assert result.steps == 3_000
     assert grown < 3, f"RSS grew by {grown:.1f} MB"
+
+
+# ---------------------------------------------------------------------------- 5. enumeration, convergence
+
+GMM_DATA = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
+
+
+@config_enumerate
+def gmm(data):
+    """Pyro's Gaussian-mixture tutorial: K = 2 components, the assignments enumerated."""
+    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
+    with pyro.plate("components", 2):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+
+
+def _gmm_init(site):
+    # The tutorial's initialisation: equal weights, half the data's spread, two data points as locs.
+    if site["name"] == "weights":
+        return torch.ones(2) / 2
+    if site["name"] == "scale":
+        return (GMM_DATA.var() / 2).sqrt()
+    return GMM_DATA[torch.tensor([0, 2])]
+
+
+def test_enumerated_discrete_sites_train_with_trace_enum_elbo(recwarn):
+    guide = AutoDelta(poutine.block(gmm, expose=["weights", "locs", "scale"]), init_loc_fn=_gmm_init)
+    result = fit(
+        gmm, guide, GMM_DATA, steps=200, optim=pyro.optim.Adam({"lr": 0.1}), num_particles=1, progress=False, seed=0
+    )
+    assert not [w for w in recwarn if "not guide" in str(w.message)]
+    losses = torch.as_tensor(result.losses)
+    assert torch.isfinite(losses).all() and losses[-20:].mean() < losses[:20].mean()
+    locs = pyro.param("AutoDelta.locs").detach().sort().values
+    assert torch.allclose(locs, torch.tensor([0.5, 11.0]), atol=0.5)
+
+
+def test_an_unconverged_run_warns_and_says_so():
+    from pyro_flowguide.examples import linear_regression
+
+    x = torch.linspace(-2, 2, 50)
+    y = 9.0 + 0.5 * x + 0.3 * torch.randn(50, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="still falling.*more steps"):
+        short = fit(linear_regression, AutoNormal(linear_regression), x, y, steps=300, progress=False, seed=0)
+    assert short.converged is False
+    pyro.clear_param_store()
+    long = fit(model, AutoNormal(model), DATA, steps=1000, progress=False, seed=0)
+    assert long.converged is True

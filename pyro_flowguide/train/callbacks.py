@@ -181,10 +181,15 @@ class EarlyStopping(Callback):
         patience: Steps without an improvement before stopping.
         min_delta: An improvement must lower the value by more than this.
         monitor: ``"loss"`` (the smoothed training loss, an exponential moving
-            average with weight :data:`LOSS_SMOOTHING`) or a key of
+            average with weight :data:`LOSS_SMOOTHING` in which each loss's pull is
+            clipped to a few mean absolute deviations, so one outlying loss
+            does not end the fit) or a key of
             ``state.metrics`` that another callback writes (e.g. ``"val_loss"``).
         warmup: Steps to ignore at the start (the smoothed loss is still falling fast).
         restore_best: On stopping, copy back the parameters seen at the best value.
+
+    An instance can be reused: each fit starts afresh (a resumed fit takes
+    the state its checkpoint carried).
 
     Example:
         >>> stopper = EarlyStopping(patience=300, min_delta=0.01)
@@ -212,15 +217,21 @@ class EarlyStopping(Callback):
         self._params: list[Tensor] = []
         self._buffers: list[Tensor] = []
         self.stopped = False
+        self._restored = False
 
     def on_start(self, state: FitState) -> None:
+        if self._restored:
+            # A checkpoint's state, loaded just before: continue from it.
+            self._restored = False
+            self.stopped = False
+            return
         params = store_params()
         self._names = list(params)
         self._params = list(params.values())
-        if len(self._buffers) != len(self._params):
-            self._buffers = [p.detach().clone() for p in self._params]
-        if self.best_step < 0:
-            self.best_step = state.step
+        self._buffers = [p.detach().clone() for p in self._params]
+        self.best = math.inf
+        self.best_step = state.step
+        self.stopped = False
 
     def _value(self, state: FitState) -> float | None:
         if self.monitor == "loss":
@@ -265,6 +276,7 @@ class EarlyStopping(Callback):
         self._names = list(state["buffers"])
         self._params = [params[n] for n in self._names]
         self._buffers = [state["buffers"][n].clone() for n in self._names]
+        self._restored = True
 
 
 class Checkpoint(Callback):

@@ -32,15 +32,17 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import SVI
+from pyro.infer import SVI, TraceEnum_ELBO
 from pyro.optim import PyroOptim
 
 from .callbacks import Callback, Checkpoint, ClearFlowCaches, NonFiniteGuard, ProgressBar
-from .checkpoints import load_checkpoint, restore
-from .defaults import DEFAULT_CHECKPOINT_EVERY, DEFAULT_NUM_PARTICLES, DEFAULT_STEPS, LOSS_SMOOTHING
-from .defaults import default_optim, training_defaults
+from .checkpoints import check_resumable, fit_signature, load_checkpoint, restore
+from .defaults import DEFAULT_CHECKPOINT_EVERY, DEFAULT_NUM_PARTICLES, DEFAULT_STEPS
+from .defaults import default_optim, geometric_decay, training_defaults
 from .guard import GuardedSVI, NonFiniteLossError, first_line
-from ..tracing import max_plate_nesting, trace_model_and_guide
+from .monitor import convergence, smooth_loss
+from ..tracing import max_plate_nesting as max_plate_nesting_of
+from ..tracing import trace_model_and_guide
 
 __all__ = ["FitResult", "FitState", "fit"]
 
@@ -62,6 +64,7 @@ class FitState:
     step: int = 0
     loss: float = math.nan
     smoothed_loss: float = math.nan
+    smoothed_scale: float = 0.0
     finite: bool = True
     bad_reason: str | None = None
     num_skipped: int = 0
@@ -69,6 +72,7 @@ class FitState:
     metrics: dict[str, float] = field(default_factory=dict)
     stop_reason: str | None = None
     error: BaseException | None = None
+    signature: dict | None = None
 
     @property
     def optim(self) -> PyroOptim:
@@ -87,7 +91,13 @@ class FitResult:
         stop_reason: ``"completed"``, an early-stopping message, or the reason
             a callback gave.
         num_skipped: Steps skipped by the non-finite guard.
-        smoothed_loss: The final smoothed loss.
+        smoothed_loss: The final smoothed loss (a moving average that one
+            outlying loss moves by a bounded amount).
+        converged: Whether the loss had stopped falling at the end: ``False``
+            when the last losses still fall clearly, relative to their noise
+            (``fit`` then warns; see :func:`~pyro_flowguide.train.monitor.convergence`),
+            ``True`` also after early stopping, ``None`` when the run was too
+            short to tell or was stopped otherwise.
         num_particles: Particles per step; ``vectorized``: whether they ran
             under an outer plate.
     """
@@ -100,12 +110,13 @@ class FitResult:
     smoothed_loss: float = math.nan
     num_particles: int | None = None
     vectorized: bool | None = None
+    converged: bool | None = None
 
     def __repr__(self) -> str:
         return (
             f"FitResult(steps={self.steps}, smoothed_loss={self.smoothed_loss:.6g}, "
             f"wall_time={self.wall_time:.1f}s, stop_reason={self.stop_reason!r}, "
-            f"num_skipped={self.num_skipped})"
+            f"num_skipped={self.num_skipped}, converged={self.converged})"
         )
 
     def plot(self, ax=None, **kwargs):
@@ -118,19 +129,40 @@ class FitResult:
 # --------------------------------------------------------------------------- loss selection
 
 
-def _setup(model, guide, args, kwargs) -> int:
-    """Runs guide and model once so every parameter exists; returns the max plate nesting."""
-    return max_plate_nesting(*trace_model_and_guide(model, guide, args, kwargs))
+def _enumerated_sites(guide_trace, model_trace) -> list[str]:
+    """Discrete model sites marked for parallel enumeration that the guide does not sample."""
+    return [
+        name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and site["infer"].get("enumerate") == "parallel"
+        and getattr(site["fn"], "has_enumerate_support", False)
+        and name not in guide_trace.nodes
+    ]
 
 
-def _choose_loss(model, guide, args, kwargs, num_particles: int | None, vectorize: bool):
-    """The default ELBO, falling back to sequential particles if the model rejects an outer plate."""
-    max_plate_nesting = _setup(model, guide, args, kwargs)
+def _enum_elbo(guide, num_particles: int, vectorize_particles: bool, max_plate_nesting: int):
+    return TraceEnum_ELBO(
+        num_particles=num_particles,
+        vectorize_particles=vectorize_particles and num_particles > 1,
+        max_plate_nesting=max_plate_nesting,
+    )
+
+
+def _choose_loss(model, guide, args, kwargs, traces, num_particles: int | None, vectorize: bool):
+    """The default ELBO, falling back to sequential particles if the model rejects an outer plate.
+
+    A model with sites to enumerate (discrete, ``infer={"enumerate": "parallel"}``,
+    not in the guide) gets ``TraceEnum_ELBO`` with the plates' nesting.
+    """
+    max_plate_nesting = max_plate_nesting_of(*traces)
     sequential = num_particles  # as many as asked for, or at most the default: each is a full pass
     if num_particles is None:
         num_particles = training_defaults(guide).num_particles
         sequential = min(num_particles, DEFAULT_NUM_PARTICLES)
-    make = functools.partial(training_defaults(guide).loss, guide)
+    build = _enum_elbo if _enumerated_sites(*traces) else training_defaults(guide).loss
+    make = functools.partial(build, guide)
     if not (vectorize and num_particles > 1):
         return make(sequential, False, max_plate_nesting), False
     loss = make(num_particles, True, max_plate_nesting)
@@ -227,7 +259,10 @@ def fit(
             ``TRAINING_DEFAULTS`` (``AutoFlowGuide`` with sticking the landing and
             no non-centred sites: :class:`~pyro_flowguide.train.losses.RenyiDReG_ELBO`
             of order 1/2, whose losses are minus that bound, not minus the ELBO;
-            otherwise ``Trace_ELBO``), with ``num_particles`` particles. When
+            otherwise ``Trace_ELBO``), with ``num_particles`` particles. A model
+            with discrete sites marked for parallel enumeration (e.g. by
+            ``@config_enumerate``) that the guide does not sample gets
+            ``TraceEnum_ELBO`` with the model's plate nesting instead. When
             given, ``num_particles`` and ``vectorize_particles`` are not used.
         num_particles: Particles per step of the default loss. Default: the
             ``num_particles`` of the guide's entry in ``TRAINING_DEFAULTS``
@@ -247,10 +282,17 @@ def fit(
         resume: Continue from ``checkpoint`` if it exists: parameters,
             optimiser state, RNG states, step count and loss history are
             restored, so the run continues bit for bit. A checkpoint of another
-            model/guide raises :class:`CheckpointMismatchError`.
+            model/guide, a corrupted or incomplete one, or one with non-finite
+            parameters raises a :class:`CheckpointMismatchError` subclass
+            naming the problem. With another ``steps`` than the checkpoint's
+            and the default optimiser, the learning rate decays from its
+            current value to the final one over the remaining steps (with a warning).
 
     Returns:
         A :class:`FitResult`.
+
+    Warns when the loss was still falling at the end of a completed run
+    (``FitResult.converged`` is then ``False``).
 
     Raises:
         NonFiniteLossError: after too many consecutive non-finite steps; it
@@ -272,6 +314,7 @@ def fit(
         raise ValueError(f"steps must be >= 0, got {steps}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=<path> to resume from")
+    default_schedule = optim is None
     if optim is None:
         optim = default_optim(steps, training_defaults(guide).final_lr)
     elif not isinstance(optim, PyroOptim):
@@ -288,11 +331,12 @@ def fit(
     with warnings.catch_warnings():
         # The guard reports skipped steps itself; Pyro's per-step NaN warnings would repeat it.
         warnings.filterwarnings("ignore", message="Encountered NaN")
+        # One trace of guide and model: every parameter exists after it.
+        traces = trace_model_and_guide(model, guide, args, kwargs)
         if loss is None:
-            loss, vectorized = _choose_loss(model, guide, args, kwargs, num_particles, vectorize_particles)
+            loss, vectorized = _choose_loss(model, guide, args, kwargs, traces, num_particles, vectorize_particles)
             particles = loss.num_particles
         else:
-            _setup(model, guide, args, kwargs)
             particles = getattr(loss, "num_particles", None)
             vectorized = getattr(loss, "vectorize_particles", None)
         svi = GuardedSVI(model, guide, optim, loss)
@@ -302,13 +346,34 @@ def fit(
         if resume:
             path = os.fspath(checkpoint)
             if os.path.exists(path):
-                restore(state, load_checkpoint(path), cbs, path)
+                state.signature = fit_signature(guide, *traces)
+                payload = load_checkpoint(path)
+                check_resumable(state, payload, path)
+                if default_schedule:
+                    _redo_decay(payload, steps, training_defaults(guide).final_lr, path)
+                restore(state, payload, cbs, path)
             else:
                 warnings.warn(
                     f"fit: no checkpoint at {path!r} yet; starting from step 0", UserWarning, stacklevel=2
                 )
+        if checkpoint is not None and state.signature is None:
+            state.signature = fit_signature(guide, *traces)
 
         _run(state, cbs)
+    converged = None
+    if state.stop_reason is None:
+        converged, detail = convergence(state.losses)
+        if converged is False:
+            warnings.warn(
+                f"fit: the loss was still falling when the run ended ({detail}), so the guide has "
+                f"probably not converged. Run more steps (e.g. steps={2 * state.steps}): the "
+                "learning rate decays over `steps`, so a short run ends before the loss settles; "
+                "resume=True from a checkpoint continues with the larger steps.",
+                UserWarning,
+                stacklevel=2,
+            )
+    elif state.stop_reason.startswith("early stopping"):
+        converged = True
     return FitResult(
         losses=np.asarray(state.losses, dtype=float),
         steps=state.step,
@@ -318,14 +383,36 @@ def fit(
         smoothed_loss=state.smoothed_loss,
         num_particles=particles,
         vectorized=vectorized,
+        converged=converged,
     )
+
+
+def _redo_decay(payload: dict, steps: int, final_lr: float, path: str) -> None:
+    """Re-derives the default schedule's per-step decay when a run resumes with another ``steps``."""
+    old_steps, step = int(payload["steps"]), int(payload["step"])
+    if old_steps == steps or steps <= step:
+        return
+    lrs = []
+    for optim_state in payload["optim"].values():
+        for group in optim_state.get("param_groups", []):
+            if "lrd" in group:
+                group["lrd"] = geometric_decay(group["lr"], final_lr, steps - step)
+                lrs.append(group["lr"])
+    if lrs:
+        warnings.warn(
+            f"fit: checkpoint {path!r} was written by a run of steps={old_steps}, resumed with "
+            f"steps={steps}; the learning rate now decays from the checkpoint's {max(lrs):.3g} to "
+            f"{final_lr:.3g} over the remaining {steps - step} steps (instead of the old run's "
+            "per-step decay).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _run(state: FitState, callbacks: list[Callback]) -> None:
     svi = state.svi
     args, kwargs = state.args, state.kwargs
     losses = state.losses
-    alpha = LOSS_SMOOTHING
     on_step = [cb.on_step for cb in callbacks if type(cb).on_step is not Callback.on_step]
     try:
         for cb in callbacks:
@@ -339,8 +426,10 @@ def _run(state: FitState, callbacks: list[Callback]) -> None:
             state.loss = loss
             losses.append(loss)
             if state.finite:
-                s = state.smoothed_loss
-                state.smoothed_loss = loss if s != s else s + alpha * (loss - s)
+                count = len(losses) - 1 - state.num_skipped
+                state.smoothed_loss, state.smoothed_scale = smooth_loss(
+                    state.smoothed_loss, state.smoothed_scale, count, loss
+                )
             else:
                 state.num_skipped += 1
             for hook in on_step:
@@ -365,4 +454,5 @@ def _run(state: FitState, callbacks: list[Callback]) -> None:
                 stop_reason="non-finite",
                 num_skipped=state.num_skipped,
                 smoothed_loss=state.smoothed_loss,
+                converged=None,
             )
