@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
+import pyro
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
 __all__ = ["max_plate_nesting", "trace_model_and_guide"]
 
 
-def trace_model_and_guide(model, guide, args, kwargs):
-    """Traces the guide and the model replayed on it, once, hidden from outer handlers."""
-    with poutine.block():
+def trace_model_and_guide(model, guide, args, kwargs, draws: tuple[str, int, int] | None = None):
+    """Traces the guide and the model replayed on it, once, hidden from outer handlers.
+
+    Arguments:
+        model, guide: A Pyro model and guide.
+        args, kwargs: Their arguments.
+        draws: ``(name, size, dim)`` of a plate of vectorised draws to run both
+            under, or ``None`` for one draw.
+    """
+    plate = nullcontext() if draws is None else pyro.plate(draws[0], draws[1], dim=draws[2])
+    with poutine.block(), plate:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     return guide_trace, model_trace

@@ -248,7 +248,7 @@ def test_predictive_on_new_data_arviz_and_psis():
     assert pred["z"].shape == (50, 11) and pred["x"].shape == (50, 11)
     idata = pfg.to_inference_data(linear_model, guide, x_new, num_samples=40)
     assert idata.posterior["z"].dims == ("chain", "draw", "data")
-    assert idata.log_likelihood["x"].shape == (1, 40, 11)
+    assert idata.log_likelihood["x"].shape == (4, 10, 11)  # 40 draws as four chains
     psis = pfg.psis_diagnostic(linear_model, guide, x_new, num_samples=100)
     assert math.isfinite(psis.khat)
     local = local_psis_diagnostic(linear_model, guide, x_new, num_samples=100)

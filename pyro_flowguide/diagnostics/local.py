@@ -7,13 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from ..guides.amortized import AutoAmortizedFlowGuide
+from ..tracing import max_plate_nesting, trace_model_and_guide
 from .psis import pareto_smooth
 
 __all__ = ["LocalPSISResult", "local_psis_diagnostic"]
@@ -94,9 +93,7 @@ def local_psis_diagnostic(
         raise ValueError(f"num_samples must be at least 2, got {num_samples}")
     if not isinstance(guide, AutoAmortizedFlowGuide):
         raise TypeError(f"local_psis_diagnostic needs an AutoAmortizedFlowGuide, got {type(guide).__name__}")
-    with poutine.block():  # the first call also sets the guide up
-        proto = poutine.trace(guide).get_trace(*args, **kwargs)
-        proto_model = poutine.trace(poutine.replay(model, trace=proto)).get_trace(*args, **kwargs)
+    proto, proto_model = trace_model_and_guide(model, guide, args, kwargs)  # the first call also sets the guide up
     names = sorted(guide.local_plates)
     if plate is None:
         if len(names) > 1:
@@ -105,13 +102,9 @@ def local_psis_diagnostic(
     elif plate not in guide.local_plates:
         raise ValueError(f"plate {plate!r} holds no amortized site; local plates: {names}")
     plate_dim = guide.local_plates[plate].dim
-    nesting = max(
-        [-f.dim for tr in (proto, proto_model) for s in tr.nodes.values() if s["type"] == "sample"
-         for f in s["cond_indep_stack"] if f.vectorized] + [0]
-    )
-    with poutine.block(), pyro.plate("_local_psis_draws", num_samples, dim=-(nesting + 1)):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    nesting = max_plate_nesting(proto, proto_model)
+    draws = ("_local_psis_draws", num_samples, -(nesting + 1))
+    guide_trace, model_trace = trace_model_and_guide(model, guide, args, kwargs, draws)
     indices = guide_trace.nodes[plate]["value"]
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)

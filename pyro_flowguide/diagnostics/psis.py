@@ -35,9 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import pyro
 import torch
-from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
@@ -245,9 +243,7 @@ def _latent_sites(trace):
 
 def _draw_vectorized(model, guide, args, kwargs, num_samples, proto_guide, proto_model) -> Draws:
     dim = -(max_plate_nesting(proto_guide, proto_model) + 1)
-    with poutine.block(), pyro.plate(_DRAWS_PLATE, num_samples, dim=dim):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    guide_trace, model_trace = trace_model_and_guide(model, guide, args, kwargs, (_DRAWS_PLATE, num_samples, dim))
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
     guide_trace.compute_log_prob()
