@@ -12,17 +12,22 @@ from .diagnostics import (
     psis_diagnostic,
     to_inference_data,
 )
-from .flows import FLOWS, FlowSpec, UnknownFlowError, flow_names, get_flow
+from .flows import FLOWS, FlowOptionError, FlowSpec, UnknownFlowError, flow_names, get_flow
 from .guides import (
     DEFAULT_FLOW,
     AutoAmortizedFlowGuide,
     AutoFlowGuide,
     GuideSetupError,
+    GuideSizeWarning,
 )
 from .train import (
     Callback,
     Checkpoint,
+    CheckpointCorruptedError,
+    CheckpointIncompleteError,
     CheckpointMismatchError,
+    CheckpointModelMismatchError,
+    CheckpointNonFiniteError,
     ClearFlowCaches,
     DensityFit,
     EarlyStopping,
@@ -41,7 +46,11 @@ from .transforms import ConditionalFlowTransform, FlowTransform, flow_transform
 __all__ = [
     "Callback",
     "Checkpoint",
+    "CheckpointCorruptedError",
+    "CheckpointIncompleteError",
     "CheckpointMismatchError",
+    "CheckpointModelMismatchError",
+    "CheckpointNonFiniteError",
     "ClearFlowCaches",
     "DensityFit",
     "EarlyStopping",
@@ -65,6 +74,8 @@ __all__ = [
     "AutoFlowGuide",
     "DEFAULT_FLOW",
     "GuideSetupError",
+    "GuideSizeWarning",
+    "FlowOptionError",
     "guides",
     "FLOWS",
     "ConditionalFlowTransform",

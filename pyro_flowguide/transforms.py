@@ -384,6 +384,8 @@ def flow_transform(
         raise ValueError(f"context must be a non-negative integer, got {context!r}")
     resolved = resolve_flow(flow)
     spec = resolved.spec
+    if resolved.kind == "class":
+        resolved.check_hyper(hyper)  # a name is checked by spec.make; before any Zuko call either way
     if resolved.kind == "name":
         lazy = spec.make(features, context, **hyper).transform
     elif resolved.kind == "class":

@@ -257,9 +257,9 @@ def test_init_strategies(init):
     draw = guide()
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         assert site["fn"].support.check(draw[name]).all(), name
-    assert torch.isfinite(guide.loc).all()
+    assert torch.isfinite(guide.affine_loc).all()
     if init is init_to_feasible:  # the feasible point is the origin of unconstrained space
-        torch.testing.assert_close(guide.loc, torch.zeros_like(guide.loc), rtol=0, atol=1e-5)
+        torch.testing.assert_close(guide.affine_loc, torch.zeros_like(guide.affine_loc), rtol=0, atol=1e-5)
 
 
 def test_init_to_value_sets_the_start():
@@ -447,8 +447,8 @@ def test_stl_estimator_trains_and_has_zero_variance_at_the_optimum():
     guide = AutoFlowGuide(model, flow="RealNVP", estimator="stl", **SMALL)
     guide()
     with torch.no_grad():  # put the affine stage at the exact posterior
-        guide.loc.copy_(torch.tensor([1.0, -2.0]))
-        guide.scale = torch.tensor([0.5, 2.0])
+        guide.affine_loc.copy_(torch.tensor([1.0, -2.0]))
+        guide.affine_scale = torch.tensor([0.5, 2.0])
     elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
     grads = []
     for _ in range(3):  # every parameter's gradient vanishes, the flow's included
@@ -460,8 +460,8 @@ def test_stl_estimator_trains_and_has_zero_variance_at_the_optimum():
     plain = AutoFlowGuide(model, flow="RealNVP", estimator="reparam", **SMALL)
     plain()
     with torch.no_grad():
-        plain.loc.copy_(torch.tensor([1.0, -2.0]))
-        plain.scale = torch.tensor([0.5, 2.0])
+        plain.affine_loc.copy_(torch.tensor([1.0, -2.0]))
+        plain.affine_scale = torch.tensor([0.5, 2.0])
     loss = elbo.differentiable_loss(model, plain)
     (g,) = torch.autograd.grad(loss, [plain.packed])
     assert g.abs().max() > 1e-3
@@ -513,7 +513,7 @@ def test_stl_with_a_collapsed_scale_gives_non_finite_gradients_not_an_exception(
     # the STL solve would end training instead.
     guide = AutoFlowGuide(vector_model, estimator="stl", **SMALL)
     guide()
-    guide.scale = torch.tensor([1.0, 0.0, 1.0])
+    guide.affine_scale = torch.tensor([1.0, 0.0, 1.0])
     elbo = Trace_ELBO(num_particles=2, vectorize_particles=True)
     with pytest.warns(UserWarning, match="NaN"):  # Pyro's own warning about log q
         loss = elbo.differentiable_loss(vector_model, guide)

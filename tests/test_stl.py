@@ -39,7 +39,7 @@ def _perturb(lazy, seed=0):
 @pytest.mark.parametrize("batch", [(7,), (3, 2)])
 def test_closed_form_score_matches_autograd(flow, dim, dtype, batch):
     guide = _guide(flow, dim, dtype)
-    parts, base = guide.get_transform(), guide.get_base_dist()
+    parts, base = guide.get_transform().parts, guide.get_base_dist()
     _perturb(parts[0].lazy, seed=dim)
     assert posterior.made_layers_of(parts[:-1]) is not None
     torch.manual_seed(1)
@@ -57,7 +57,7 @@ def test_closed_form_score_matches_autograd(flow, dim, dtype, batch):
 @pytest.mark.parametrize("hidden", [(16,), (8, 8, 8)])
 def test_closed_form_score_any_depth(hidden):
     guide = _guide("SplineMAF", 3, hidden_features=hidden)
-    parts, base = guide.get_transform(), guide.get_base_dist()
+    parts, base = guide.get_transform().parts, guide.get_base_dist()
     _perturb(parts[0].lazy)
     eps = base.sample((5,))
     score = posterior.draw_with_score(parts, base, eps)[2]
@@ -106,8 +106,8 @@ def test_other_layers_take_the_general_route(lazy):
 
 def test_a_guide_outside_the_closed_form_trains_on_the_general_route():
     guide = _guide("MAF", 3, activation=nn.ELU)
-    assert guide.estimator == "stl" and posterior.made_layers_of(guide.get_transform()[:-1]) is None
-    parts, base = guide.get_transform(), guide.get_base_dist()
+    assert guide.estimator == "stl" and posterior.made_layers_of(guide.get_transform().parts[:-1]) is None
+    parts, base = guide.get_transform().parts, guide.get_base_dist()
     u, log_q, score = posterior.draw_with_score(parts, base, base.sample((4,)))
     assert torch.isfinite(score).all() and score.shape == (4, 3)
 
@@ -134,7 +134,7 @@ def test_stl_gradients_are_those_of_the_general_route(monkeypatch, flow, hyper):
         torch.manual_seed(0)
         guide = pfg.AutoFlowGuide(model, flow=flow, **hyper)
         guide()
-        _perturb(guide.get_transform()[0].lazy)
+        _perturb(guide.get_transform().parts[0].lazy)
         loss = pyro.infer.Trace_ELBO(num_particles=4, vectorize_particles=True)
         loss.loss_and_grads(model, guide)
         return {n: p.grad.clone() for n, p in guide.named_parameters()}

@@ -2,10 +2,15 @@
 
 from .registry import (
     FLOWS,
+    FlowOptionError,
+    FlowSize,
     FlowSpec,
     ResolvedFlow,
     UnknownFlowError,
+    accepted_options,
     base_distribution,
+    check_hyper,
+    estimate_flow_parameters,
     flow_names,
     get_flow,
     resolve_flow,
@@ -13,4 +18,5 @@ from .registry import (
 from .spline import SplineMAF
 
 __all__ = ["FLOWS", "FlowSpec", "ResolvedFlow", "SplineMAF", "UnknownFlowError"]
+__all__ += ["FlowOptionError", "FlowSize", "accepted_options", "check_hyper", "estimate_flow_parameters"]
 __all__ += ["base_distribution", "flow_names", "get_flow", "resolve_flow"]

@@ -3,6 +3,7 @@
 from .amortized import AutoAmortizedFlowGuide, subsample_indices
 from .flow_guide import DEFAULT_FLOW, STL_MAX_DIM, AutoFlowGuide
 from .sites import GuideSetupError
+from .sizes import GuideSizeWarning
 
 __all__ = [
     "DEFAULT_FLOW",
@@ -10,6 +11,7 @@ __all__ = [
     "AutoAmortizedFlowGuide",
     "AutoFlowGuide",
     "GuideSetupError",
+    "GuideSizeWarning",
     "subsample_indices",
 ]
 

@@ -216,7 +216,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
             self.global_guide._setup_prototype(*args, **kwargs)
             self._prototype_frames = dict(self.global_guide._prototype_frames)
             global_dim = self.global_guide.latent_dim
-            dtype, device = self.global_guide.loc.dtype, self.global_guide.loc.device
+            dtype, device = self.global_guide.affine_loc.dtype, self.global_guide.affine_loc.device
         else:
             self.global_guide = None
             self._prototype_frames = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -13,12 +14,50 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import sum_rightmost
 from torch import Tensor
-from torch.distributions import biject_to
+from torch.distributions import Transform, biject_to, constraints
 
 from .noncentered import auto_noncentered_sites, normal_of, run_noncentered
 from .sites import GuideSetupError
 
-__all__ = ["NoncenteredMixin"]
+__all__ = ["CentringTransform", "NoncenteredMixin"]
+
+
+class CentringTransform(Transform):
+    r"""The map from the flow's flat coordinates to the model's flat unconstrained latent.
+
+    Non-centred sites go from :math:`v` to :math:`z = m + s\,v`, with the
+    model's own :math:`m, s` from one run of the model; the other coordinates
+    are unchanged. ``centring(x, inverse)`` is the owning guide's map, returning
+    the values and :math:`\sum \log s`; the last call's log-determinant is kept.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, centring: Callable[[Tensor, bool], tuple[Tensor, Tensor]]) -> None:
+        super().__init__()
+        self.centring = centring
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, ladj = self.centring(x, False)
+        self._last = (x, y, ladj)
+        return y, ladj
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self.call_and_ladj(x)[0]
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        x, ladj = self.centring(y, True)
+        self._last = (x, y, ladj)
+        return x
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        last = self._last
+        if last is not None and last[0] is x and last[1] is y:
+            return last[2]
+        return self.centring(x, False)[1]
 
 
 class NoncenteredMixin:
@@ -82,15 +121,29 @@ class NoncenteredMixin:
         """Maps the guide's coordinates ``(D,)`` or ``(N, D)`` to the flat unconstrained latent."""
         if not self.noncentered_sites:
             return latent
+        return self._centring(latent, args, kwargs)[0]
+
+    def _centring(self, latent: Tensor, args: tuple, kwargs: dict, inverse: bool = False) -> tuple[Tensor, Tensor]:
+        r"""Flat non-centred coordinates ``(..., D)`` to the flat unconstrained latent (``inverse``: back).
+
+        Returns the mapped values and :math:`\log|\det \partial z / \partial v|
+        = \sum \log s` over the non-centred sites' elements, of shape ``(...)``.
+        """
         if not (args or kwargs):
             args, kwargs = self._setup_call
-        if latent.dim() == 1:
-            return self._centered_rows(latent, args, kwargs)
+        if latent.dim() <= 2:
+            flat = latent
+        else:
+            flat = latent.reshape(-1, latent.shape[-1])
         try:
-            return self._centered_rows(latent, args, kwargs)
+            out, ladj = self._centring_rows(flat, args, kwargs, inverse)
         except (ValueError, RuntimeError):
+            if flat.dim() == 1:
+                raise
             # A model that does not broadcast over a batch of draws: one run per draw.
-            return torch.stack([self._centered_rows(row, args, kwargs) for row in latent])
+            rows = [self._centring_rows(row, args, kwargs, inverse) for row in flat]
+            out, ladj = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        return out.reshape(latent.shape), ladj.reshape(latent.shape[:-1])
 
     def _unpack_batch(self, latent: Tensor):
         """``_unpack_latent`` of ``(D,)`` or ``(N, D)``, a batch going left of every plate."""
@@ -101,15 +154,20 @@ class NoncenteredMixin:
             latent = latent.reshape(latent.shape[:1] + (1,) * nesting + latent.shape[-1:])
         return self._unpack_latent(latent)
 
-    def _centered_rows(self, latent: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    def _centring_rows(self, latent: Tensor, args: tuple, kwargs: dict, inverse: bool) -> tuple[Tensor, Tensor]:
         lead = latent.shape[:-1]
         pieces = {site["name"]: value for site, value in self._unpack_batch(latent)}
-        values, _ = run_noncentered(self._bare_model[0], pieces, self.noncentered_sites, args, kwargs)
+        values, log_scales = run_noncentered(
+            self._bare_model[0], pieces, self.noncentered_sites, args, kwargs, centred=inverse
+        )
         parts = [
             (values[name] if name in self.noncentered_sites else pieces[name]).reshape(lead + (-1,))
             for name in pieces
         ]
-        return torch.cat(parts, dim=-1)
+        ladj = latent.new_zeros(lead)
+        for log_scale in log_scales.values():
+            ladj = ladj + log_scale.reshape(lead + (-1,)).sum(-1)
+        return torch.cat(parts, dim=-1), ladj
 
     def _init_loc(self) -> Tensor:
         latent = super()._init_loc()

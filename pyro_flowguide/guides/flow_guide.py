@@ -40,15 +40,18 @@ from torch.distributions import biject_to
 
 from ..flows.registry import resolve_flow
 from ..transforms import flow_cache_clearers, flow_transform
-from .centring import NoncenteredMixin
+from .centring import CentringTransform, NoncenteredMixin
+from .contract import GuideContractMixin, packed_param_name
 from .packing import Packing
-from .posterior import FlowPosterior, affine_parameters, affine_stage, detached_copy, relink, unit_tril
+from .sizes import check_flow_size
+from .posterior import FlowChain, FlowPosterior, affine_parameters, affine_stage, detached_copy, relink
 from .sites import (
     GuideSetupError,
-    check_finite_at_init,
     check_flow_sites,
-    check_latent_shapes,
+    check_model_call,
     check_options,
+    check_setup_trace,
+    named_setup_errors,
     flat_layout,
     shapes_of,
     with_feasible_fallback,
@@ -89,7 +92,7 @@ def _parts_of(flow: nn.Module) -> list:
     return [flow]
 
 
-class AutoFlowGuide(NoncenteredMixin, AutoContinuous):
+class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
     r"""A normalizing-flow posterior over all continuous latent sites of a model.
 
     A drop-in for ``AutoNormal`` / ``AutoMultivariateNormal``: construct it with
@@ -156,6 +159,8 @@ class AutoFlowGuide(NoncenteredMixin, AutoContinuous):
         self._noncentered_arg = check_options(noncentered, init_scale, estimator, covariance)
         self.estimator = estimator  # "auto" is resolved once the latent size is known
         resolved = resolve_flow(flow)  # unknown names fail here, before any tracing
+        given = {"hidden_features": hidden_features, "transforms": transforms}
+        resolved.check_hyper({**hyper, **{k: v for k, v in given.items() if v is not None}})
         if resolved.kind == "name" and resolved.spec.support != "real":
             self._refused_support = resolved.spec
         # Kept in a tuple so a module passed here is not registered twice.
@@ -190,7 +195,8 @@ class AutoFlowGuide(NoncenteredMixin, AutoContinuous):
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         # AutoGuide's part: trace the model once and record its plates.
         try:
-            AutoGuide._setup_prototype(self, *args, **kwargs)
+            with named_setup_errors(self.model, self._model_name, args, kwargs):
+                AutoGuide._setup_prototype(self, *args, **kwargs)
         except NotImplementedError as e:
             raise GuideSetupError(
                 f"model {self._model_name!r}: {e}. AutoFlowGuide needs vectorised "
@@ -198,7 +204,9 @@ class AutoFlowGuide(NoncenteredMixin, AutoContinuous):
             ) from None
         check_flow_sites(self.prototype_trace, self._model_name, self._refused_support)
         # The prototype trace hides observed sites, so the model is traced once more.
-        check_finite_at_init(self.model, self._model_name, args, kwargs)
+        self._signature = check_setup_trace(
+            self.model, self._bare_model[0], self._model_name, self.prototype_trace, args, kwargs
+        )
         # AutoContinuous's part: the flat unconstrained layout.
         self._unconstrained_shapes, self._cond_indep_stacks = flat_layout(self.prototype_trace, self._model_name)
         self.latent_dim = sum(math.prod(shape) for shape in self._unconstrained_shapes.values())
@@ -217,11 +225,17 @@ class AutoFlowGuide(NoncenteredMixin, AutoContinuous):
             # The STL score costs a D x D solve per draw and layer: only for small latents.
             stl = resolve_flow(self._flow_arg[0]).stl_by_default and dim <= STL_MAX_DIM
             self.estimator = "stl" if stl else "reparam"
+        check_flow_size(self._flow_arg[0], dim, {"hidden_features": (_hidden_size(dim),) * 2, **self._hyper})
         flow = build_flow(self._flow_arg[0], dim, self._hyper).to(dtype=dtype, device=device)
         # One flat parameter for the affine stage and (where allowed) the flow.
         self._packing = Packing(named, flow if resolve_flow(self._flow_arg[0]).packable else None)
         self._flow_has_params = any(True for _ in flow.parameters())
         self.flow = flow
+        self._packed_name = packed_param_name(
+            self._model_name, self._unconstrained_shapes, self.noncentered_sites,
+            self._packing.layout(), self._flow_arg[0], self._hyper,
+        )
+        self._check_store(self._packing.initial.shape)
         self.packed = nn.Parameter(self._packing.initial)
 
     # ------------------------------------------------------------- posterior
@@ -235,8 +249,22 @@ class AutoFlowGuide(NoncenteredMixin, AutoContinuous):
             cached = self.__dict__["_base_dist"] = (key, dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))
         return cached[1]
 
-    def get_transform(self, *args: Any, **kwargs: Any):
-        """The transforms from base noise to the flat latent: the flow, then the affine stage."""
+    def get_transform(self, *args: Any, **kwargs: Any) -> FlowChain:
+        """The transform from base noise to the flat unconstrained latent of the model's sites.
+
+        The flow, the affine stage and, with :attr:`noncentered_sites`, the map
+        from their non-centred coordinates to the model's (one run of the model
+        at the given arguments, or at the set-up call's), so that it serves
+        Pyro's ``NeuTraReparam``. Its ``parts`` are these transforms.
+        :meth:`get_posterior` is over the coordinates before that last map.
+        """
+        parts = self._transform_parts()
+        if self.noncentered_sites:
+            parts.append(CentringTransform(lambda x, inverse: self._centring(x, args, kwargs, inverse)))
+        return FlowChain(parts)
+
+    def _transform_parts(self) -> list:
+        """The flow's transforms, then the affine stage: base noise to the guide's flat coordinates."""
         # Reading self.packed (and self.flow, if it kept parameters of its own)
         # inside the guide's context registers them with the param store.
         views = self._bind(self.packed, self._modules["flow"])
@@ -250,30 +278,6 @@ class AutoFlowGuide(NoncenteredMixin, AutoContinuous):
             _clear_caches(flow)  # new parameter views: cached values belong to the old ones
         return views
 
-    def _view(self, name: str) -> Tensor | None:
-        return self._packing.bind(self._parameters["packed"]).get(name)
-
-    @property
-    def loc(self) -> Tensor:
-        """The shift of the affine stage (a view of the packed parameter)."""
-        return self._view("loc")
-
-    @property
-    def scale(self) -> Tensor:
-        """The per-coordinate scale of the affine stage; assign to set it."""
-        return self._view("log_scale").exp()
-
-    @scale.setter
-    def scale(self, value: Tensor) -> None:
-        with torch.no_grad():
-            self._view("log_scale").copy_(torch.as_tensor(value).log())
-
-    @property
-    def scale_tril(self) -> Tensor | None:
-        """The unit lower-triangular factor of the affine stage, or ``None`` (diagonal)."""
-        raw = self._view("scale_tril")
-        return None if raw is None else unit_tril(raw)
-
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.Distribution:
         """The posterior over the flat latent vector (event shape ``(D,)``).
 
@@ -286,7 +290,7 @@ class AutoFlowGuide(NoncenteredMixin, AutoContinuous):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         detached = self._detached_parts if self.estimator == "stl" else None
-        return FlowPosterior(self.get_base_dist(), self.get_transform(), detached)
+        return FlowPosterior(self.get_base_dist(), self._transform_parts(), detached)
 
     def _detached_parts(self) -> list:
         """Copies of the transforms whose parameters share storage but carry no gradient."""
@@ -313,7 +317,7 @@ class AutoFlowGuide(NoncenteredMixin, AutoContinuous):
         if shapes == self._arg_shapes:
             return
         # The arguments changed shape: fine if the latent shapes do not.
-        check_latent_shapes(self.model, self._model_name, self.prototype_trace, args, kwargs)
+        check_model_call(self._signature, self.model, self._model_name, args, kwargs)
         self._arg_shapes = shapes
 
     # ------------------------------------------------------------ summaries
@@ -360,27 +364,6 @@ class AutoFlowGuide(NoncenteredMixin, AutoContinuous):
         latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
         self.clear_cache()
         return self._constrained(self._centered_latent(latent, args, kwargs))
-
-    @torch.no_grad()
-    def quantiles(
-        self, quantiles: Sequence[float] | Tensor, *args: Any, num_samples: int = 4000, **kwargs
-    ) -> dict[str, Tensor]:
-        """Monte Carlo posterior quantiles of each latent site (constrained space).
-
-        Quantiles are taken per coordinate of the unconstrained draws and mapped
-        through each site's bijection, so they are exact for every monotone
-        per-coordinate constraint and a consistent summary otherwise.
-        """
-        latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
-        self.clear_cache()
-        latent = self._centered_latent(latent, args, kwargs)
-        q = torch.as_tensor(quantiles, dtype=latent.dtype, device=latent.device)
-        return self._constrained(torch.quantile(latent, q, dim=0))
-
-    def median(self, *args: Any, num_samples: int = 4000, **kwargs: Any) -> dict[str, Tensor]:
-        """Monte Carlo posterior median of each latent site (constrained space)."""
-        q = self.quantiles([0.5], *args, num_samples=num_samples, **kwargs)
-        return {name: value[0] for name, value in q.items()}
 
     def _loc_scale(self, *args: Any, **kwargs: Any):
         raise NotImplementedError(

@@ -142,10 +142,11 @@ _EXACT_DIAGONAL = 64
 class _NonCentered(Messenger):
     """Fixes every latent site of a model run from the guide's coordinates, in program order."""
 
-    def __init__(self, pieces: Mapping[str, Tensor], noncentered: frozenset) -> None:
+    def __init__(self, pieces: Mapping[str, Tensor], noncentered: frozenset, centred: bool = False) -> None:
         super().__init__()
         self.pieces = pieces
         self.noncentered = noncentered
+        self.centred = centred
         self.values: dict[str, Tensor] = {}
         self.log_scales: dict[str, Tensor] = {}
 
@@ -162,20 +163,23 @@ class _NonCentered(Messenger):
                     f"site {name!r} was a Normal when the guide was set up and is now "
                     f"{type(fn).__name__}; build a new guide for this model."
                 )
-            value = normal.loc + normal.scale * piece
-            if value.shape != piece.shape:
+            if self.centred:  # the piece is the site's value z; v = (z - m) / s is returned
+                value, returned = piece, (piece - normal.loc) / normal.scale
+            else:
+                value = returned = normal.loc + normal.scale * piece
+            if returned.shape != piece.shape:
                 raise ValueError(
                     f"site {name!r}: the location/scale of its Normal (shapes "
                     f"{tuple(normal.loc.shape)}, {tuple(normal.scale.shape)}) broadcast "
-                    f"its value to {tuple(value.shape)}, not {tuple(piece.shape)}; "
+                    f"its value to {tuple(returned.shape)}, not {tuple(piece.shape)}; "
                     "pass noncentered=False (or leave this site out of the list)."
                 )
             self.log_scales[name] = sum_rightmost(
                 normal.scale.log().expand(value.shape), fn.event_dim
             )
         else:
-            value = biject_to(fn.support)(piece)
-        self.values[name] = value
+            value = returned = biject_to(fn.support)(piece)
+        self.values[name] = returned
         msg["value"] = value
         msg["is_observed"] = True
 
@@ -186,14 +190,19 @@ def run_noncentered(
     noncentered: Iterable[str],
     args: tuple,
     kwargs: dict,
+    centred: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Runs ``model`` with its latents taken from ``pieces`` (unconstrained, non-centred where named).
 
     Returns the constrained value of every site in ``pieces`` and, for the
     non-centred ones, the log of the Normal's scale summed over event dims
     (the log-Jacobian of ``v -> z``). Nothing reaches handlers outside.
+
+    With ``centred=True`` the named sites' pieces are their values ``z``
+    instead, and what is returned for them is :math:`v = (z - m) / s` (the
+    inverse map; its parents are then given in their own coordinates).
     """
-    handler = _NonCentered(pieces, frozenset(noncentered))
+    handler = _NonCentered(pieces, frozenset(noncentered), centred)
     with poutine.block(), handler:
         model(*args, **kwargs)
     missing = [name for name in pieces if name not in handler.values]

@@ -113,6 +113,10 @@ class Packing:
     def __len__(self) -> int:
         return self.initial.numel()
 
+    def layout(self) -> tuple[tuple[str, str, torch.Size], ...]:
+        """``(module, name, shape)`` of each packed tensor, in order (module ``""`` for a named tensor)."""
+        return tuple((s.module, s.name, s.shape) for s in (*self.named.values(), *self.module_slots))
+
     def _resolved(self, module: nn.Module) -> list[tuple[dict, str, int, int, torch.Size]]:
         # Resolving names walks the tree, so it is done once per module tree.
         hit = self._targets.get(id(module))

@@ -19,12 +19,13 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from torch import Tensor, nn
-from torch.distributions import Transform
+from torch.distributions import ComposeTransform, Transform
 
 from ..transforms import FlowTransform, param_tuple
 from .stl import draw_and_score, made_layers
 
 __all__ = [
+    "FlowChain",
     "FlowPosterior",
     "TrilAffine",
     "affine_parameters",
@@ -82,6 +83,29 @@ class TrilAffine(Transform):
                 self.unit_tril.detach().mT, v.unsqueeze(-1), upper=True, unitriangular=True
             ).squeeze(-1)
         return v / self.scale.detach()
+
+
+class FlowChain(ComposeTransform):
+    """The guide's transforms as one ``Transform``; a call keeps its log-determinant for the same values.
+
+    ``parts`` are the transforms, in order; each part's log-determinant comes
+    from the pass that computed the value.
+    """
+
+    def __init__(self, parts: Sequence[Transform]) -> None:
+        super().__init__(list(parts))
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y, ladj = forward_with_ladj(self.parts, x)
+        self._last = (x, y, ladj)
+        return y
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        last = self._last
+        if last is not None and last[0] is x and last[1] is y:
+            return last[2]
+        return forward_with_ladj(self.parts, x)[1]
 
 
 def forward_with_ladj(parts: Sequence[Transform], x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,194 @@
+"""What code written for Pyro's autoguides reads from :class:`~pyro_flowguide.AutoFlowGuide`, as a mixin.
+
+Summaries (``median``, ``quantiles``) that are the same on every call and
+leave the global random stream alone; a param-store name that differs between
+guides of different layout, so that guides of several models share one store;
+the affine stage's parameters under names of their own, and an error that
+says what to use for the Gaussian guides' ``loc``, ``scale`` and ``scale_tril``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor
+
+from .posterior import unit_tril
+from .sites import GuideSetupError
+
+__all__ = ["GuideContractMixin", "gaussian_attribute_error", "packed_param_name"]
+
+#: What the Gaussian guides' attributes hold there; a flow guide has no closed form for them.
+GAUSSIAN_ATTRIBUTES = {
+    "loc": "the posterior mean of the flat unconstrained latent",
+    "scale": "the posterior standard deviation of each coordinate of the flat unconstrained latent",
+    "scale_tril": "the lower Cholesky factor of the posterior covariance of the flat unconstrained latent",
+}
+
+
+def gaussian_attribute_error(name: str) -> AttributeError:
+    """The error for ``guide.loc`` / ``scale`` / ``scale_tril`` on a flow guide."""
+    return AttributeError(
+        f"AutoFlowGuide has no {name!r}. For AutoMultivariateNormal / AutoNormal-style guides "
+        f"it is {GAUSSIAN_ATTRIBUTES[name]}; a flow posterior has no closed form for it. Use "
+        "guide.quantiles([...]) or guide.median() for per-site summaries, "
+        "guide.sample_posterior(n) for draws (their mean and spread), or "
+        "guide.get_posterior() for the distribution over the flat latent. The affine "
+        "stage's own parameters (not the posterior's moments) are affine_loc, "
+        "affine_scale and affine_unit_tril."
+    )
+
+
+def _describe(obj: Any) -> str:
+    """A description of a configuration value that is the same in every process (no addresses)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return repr(obj)
+    if isinstance(obj, (list, tuple)):
+        return "(" + ",".join(_describe(o) for o in obj) + ")"
+    if isinstance(obj, dict):
+        return "{" + ",".join(f"{k}:{_describe(v)}" for k, v in sorted(obj.items())) + "}"
+    kind = obj if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(kind, '__module__', '')}.{getattr(kind, '__qualname__', type(kind).__name__)}"
+
+
+def packed_param_name(
+    model_name: str,
+    shapes: dict[str, tuple],
+    noncentered: Sequence[str],
+    layout: Sequence[tuple],
+    flow: Any,
+    hyper: dict,
+) -> str:
+    """``packed_<hash>``: the packed parameter's name, from the model's name, its sites and the guide's layout.
+
+    Arguments:
+        model_name: The model's name.
+        shapes: Each latent site's unconstrained shape, in the model's order.
+        noncentered: The sites the flow sees in non-centred coordinates.
+        layout: ``(owner, name, shape)`` of each tensor packed in the parameter.
+        flow: The guide's ``flow`` argument; ``hyper`` its options.
+    """
+    text = "|".join(
+        [
+            model_name,
+            ";".join(f"{name}:{tuple(shape)}" for name, shape in shapes.items()),
+            ",".join(noncentered),
+            ";".join(f"{owner}/{name}:{tuple(shape)}" for owner, name, shape in layout),
+            _describe(flow),
+            _describe(hyper),
+        ]
+    )
+    return "packed_" + hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _rng_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+class GuideContractMixin:
+    """Pyro-facing accessors of :class:`~pyro_flowguide.AutoFlowGuide`.
+
+    Reads the guide's ``_packing``, ``_parameters["packed"]``, ``_packed_name``,
+    ``get_posterior``, ``clear_cache``, ``_centered_latent`` and ``_constrained``.
+    """
+
+    #: Posterior draws behind :meth:`median` and :meth:`quantiles`.
+    summary_draws: int = 4000
+    #: The seed of those draws (taken on a fork of the random state).
+    summary_seed: int = 0
+    _packed_name: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name in GAUSSIAN_ATTRIBUTES:
+            raise gaussian_attribute_error(name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Set, they would read back as if they were the posterior's.
+        if name in GAUSSIAN_ATTRIBUTES:
+            raise gaussian_attribute_error(name)
+        super().__setattr__(name, value)
+
+    def _pyro_get_fullname(self, name: str) -> str:
+        # The packed parameter goes to the param store under its layout's name.
+        if name == "packed" and self._packed_name is not None:
+            name = self._packed_name
+        return super()._pyro_get_fullname(name)
+
+    @property
+    def packed_param_name(self) -> str:
+        """The param-store name of the guide's packed parameter (set on set-up)."""
+        prefix = self.__dict__.get("_pyro_name", "")
+        name = self._packed_name or "packed"
+        return f"{prefix}.{name}" if prefix else name
+
+    def _check_store(self, shape: torch.Size) -> None:
+        """Refuses a parameter held under this guide's name with another shape."""
+        fullname, store = self.packed_param_name, pyro.get_param_store()
+        held = store[fullname] if fullname in store else None
+        if held is not None and held.shape != shape:
+            raise GuideSetupError(
+                f"the param store holds {fullname!r} with shape {tuple(held.shape)}, but this guide "
+                f"of model {self._model_name!r} needs shape {tuple(shape)} under that name (a guide "
+                "with the same model name, sites and flow was set up differently, or a store "
+                "from another version was loaded). Call pyro.clear_param_store(), or delete "
+                f"that entry (del pyro.get_param_store()[{fullname!r}]), before building this guide."
+            )
+
+    # ------------------------------------------------------ the affine stage
+    def _view(self, name: str) -> Tensor | None:
+        return self._packing.bind(self._parameters["packed"]).get(name)
+
+    @property
+    def affine_loc(self) -> Tensor:
+        """The shift of the affine stage (a view of the packed parameter); not the posterior mean."""
+        return self._view("loc")
+
+    @property
+    def affine_scale(self) -> Tensor:
+        """The per-coordinate scale of the affine stage; assign to set it. Not the posterior's spread."""
+        return self._view("log_scale").exp()
+
+    @affine_scale.setter
+    def affine_scale(self, value: Tensor) -> None:
+        with torch.no_grad():
+            self._view("log_scale").copy_(torch.as_tensor(value).log())
+
+    @property
+    def affine_unit_tril(self) -> Tensor | None:
+        """The unit lower-triangular factor of the affine stage, or ``None`` (diagonal)."""
+        raw = self._view("scale_tril")
+        return None if raw is None else unit_tril(raw)
+
+    # ------------------------------------------------------------ summaries
+    @torch.no_grad()
+    def _summary_latent(self, args: tuple, kwargs: dict) -> Tensor:
+        """``summary_draws`` flat latents drawn with ``summary_seed``, the global random state untouched."""
+        posterior = self.get_posterior(*args, **kwargs)
+        with torch.random.fork_rng(devices=_rng_devices()):
+            torch.manual_seed(self.summary_seed)
+            latent = posterior.sample((self.summary_draws,))
+            self.clear_cache()
+            return self._centered_latent(latent, args, kwargs)
+
+    @torch.no_grad()
+    def quantiles(self, quantiles: Sequence[float] | Tensor, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Posterior quantiles of each latent site (constrained space), from ``summary_draws`` seeded draws.
+
+        Quantiles are taken per coordinate of the unconstrained draws and mapped
+        through each site's bijection, so they are exact for every monotone
+        per-coordinate constraint and a consistent summary otherwise. The draws
+        are the same on every call (``summary_seed``, on a fork of the random
+        state), so repeated calls agree and ``median()`` is ``quantiles([0.5])``.
+        """
+        latent = self._summary_latent(args, kwargs)
+        q = torch.as_tensor(quantiles, dtype=latent.dtype, device=latent.device)
+        return self._constrained(torch.quantile(latent, q, dim=0))
+
+    def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """The posterior median of each latent site (constrained space): ``quantiles([0.5])``."""
+        return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
