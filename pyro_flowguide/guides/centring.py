@@ -17,12 +17,13 @@ from torch import Tensor
 from torch.distributions import Transform, biject_to, constraints
 
 from .noncentered import auto_noncentered_sites, normal_of, run_noncentered
+from .posterior import RemembersLogDet
 from .sites import GuideSetupError
 
 __all__ = ["CentringTransform", "NoncenteredMixin"]
 
 
-class CentringTransform(Transform):
+class CentringTransform(RemembersLogDet, Transform):
     r"""The map from the flow's flat coordinates to the model's flat unconstrained latent.
 
     Non-centred sites go from :math:`v` to :math:`z = m + s\,v`, with the
@@ -38,26 +39,19 @@ class CentringTransform(Transform):
     def __init__(self, centring: Callable[[Tensor, bool], tuple[Tensor, Tensor]]) -> None:
         super().__init__()
         self.centring = centring
-        self._last: tuple[Tensor, Tensor, Tensor] | None = None
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, ladj = self.centring(x, False)
-        self._last = (x, y, ladj)
-        return y, ladj
+        return self.centring(x, False)
 
     def _call(self, x: Tensor) -> Tensor:
-        return self.call_and_ladj(x)[0]
+        y, ladj = self.call_and_ladj(x)
+        self.remember(x, y, ladj)
+        return y
 
     def _inverse(self, y: Tensor) -> Tensor:
         x, ladj = self.centring(y, True)
-        self._last = (x, y, ladj)
+        self.remember(x, y, ladj)
         return x
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        last = self._last
-        if last is not None and last[0] is x and last[1] is y:
-            return last[2]
-        return self.centring(x, False)[1]
 
 
 class NoncenteredMixin:

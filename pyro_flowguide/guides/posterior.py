@@ -25,6 +25,7 @@ from ..transforms import FlowTransform, param_tuple
 from .stl import draw_and_score, made_layers
 
 __all__ = [
+    "RemembersLogDet",
     "FlowChain",
     "FlowPosterior",
     "TrilAffine",
@@ -85,7 +86,26 @@ class TrilAffine(Transform):
         return v / self.scale.detach()
 
 
-class FlowChain(ComposeTransform):
+class RemembersLogDet:
+    """Mixin for a transform with ``call_and_ladj``: keeps its last pass's log-determinant.
+
+    ``log_abs_det_jacobian(x, y)`` of the values the last pass computed (the
+    same tensors) returns that pass's log-determinant instead of recomputing it.
+    """
+
+    _last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def remember(self, x: Tensor, y: Tensor, ladj: Tensor) -> None:
+        self._last = (x, y, ladj)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        last = self._last
+        if last is not None and last[0] is x and last[1] is y:
+            return last[2]
+        return self.call_and_ladj(x)[1]
+
+
+class FlowChain(RemembersLogDet, ComposeTransform):
     """The guide's transforms as one ``Transform``; a call keeps its log-determinant for the same values.
 
     ``parts`` are the transforms, in order; each part's log-determinant comes
@@ -94,18 +114,14 @@ class FlowChain(ComposeTransform):
 
     def __init__(self, parts: Sequence[Transform]) -> None:
         super().__init__(list(parts))
-        self._last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return forward_with_ladj(self.parts, x)
 
     def __call__(self, x: Tensor) -> Tensor:
-        y, ladj = forward_with_ladj(self.parts, x)
-        self._last = (x, y, ladj)
+        y, ladj = self.call_and_ladj(x)
+        self.remember(x, y, ladj)
         return y
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        last = self._last
-        if last is not None and last[0] is x and last[1] is y:
-            return last[2]
-        return forward_with_ladj(self.parts, x)[1]
 
 
 def forward_with_ladj(parts: Sequence[Transform], x: Tensor) -> tuple[Tensor, Tensor]:
