@@ -13,6 +13,7 @@ import torch
 from pyro.infer import Predictive
 
 import pyro_flowguide as pfg
+from pyro_flowguide.examples import local_linear as linear_model
 from pyro_flowguide import AutoAmortizedFlowGuide, GuideSetupError
 from pyro_flowguide.diagnostics.local import local_psis_diagnostic
 from pyro_flowguide.guides import subsample_indices
@@ -33,12 +34,6 @@ VAE_IW_SAMPLES = 200
 
 def context(x, batch_size=None):
     return x
-
-
-def linear_model(x, batch_size=None):
-    with pyro.plate("data", len(x), subsample_size=batch_size) as idx:
-        z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        pyro.sample("x", dist.Normal(2 * z + 1, 0.5), obs=x[idx])
 
 
 def linear_data(n: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
+from ..tracing import max_plate_nesting
 from .flow_guide import DEFAULT_FLOW, AutoFlowGuide
 from .local import (
     LocalLayer,
@@ -332,7 +333,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         else:
             self._refresh(args, kwargs)
-        nesting = max([-d for (_, _, d) in self._plate_info.values()] + [-f.dim for f in self._prototype_frames.values()] + [0])
+        nesting = max_plate_nesting(self.prototype_trace)
         with poutine.block(), pyro.plate("_num_posterior_samples", num_samples, dim=-(nesting + 1)):
             trace = poutine.trace(self).get_trace(*args, **kwargs)
         out = {}
