@@ -42,7 +42,8 @@ def psislw(log_weights: Any) -> tuple[np.ndarray, float | np.ndarray]:
         ``(smoothed, khat)``: ``smoothed`` has the input's shape; ``khat`` is a
         float for one set of weights, else an array of the leading shape. Too
         few draws in the tail to fit (ArviZ 1.x refuses fewer than 25 draws)
-        give k-hat ``inf`` and the raw normalised weights.
+        give k-hat ``inf`` and the raw normalised weights, and so does a tail
+        whose fit fails.
     """
     lw = np.array(log_weights, dtype=np.float64)
     if arviz_major() == 0:
@@ -57,6 +58,9 @@ def psislw(log_weights: Any) -> tuple[np.ndarray, float | np.ndarray]:
         except ValueError:  # fewer than five draws in the tail
             smoothed = lw - np.logaddexp.reduce(lw, axis=-1, keepdims=True)
             khat = np.full(lw.shape[:-1], math.inf)
+        # ArviZ 1.x returns NaN where the tail's fit fails (a tail too heavy to
+        # fit, such as Cauchy log weights), where 0.x reports a k-hat above 1.
+        khat = np.where(np.isnan(khat), math.inf, khat)
     smoothed, khat = np.asarray(smoothed), np.asarray(khat)
     return smoothed, float(khat) if khat.ndim == 0 else khat
 
