@@ -27,7 +27,6 @@ __all__ = [
     "check_flow_sites",
     "check_init_value",
     "check_latent_names",
-    "check_latent_shapes",
     "check_model_call",
     "check_options",
     "check_setup_trace",
@@ -293,27 +292,6 @@ def named_setup_errors(model: Callable, model_name: str, args: tuple, kwargs: di
         if problem is None:
             raise
         raise GuideSetupError(f"model {model_name!r}, {problem}") from error
-
-
-def check_latent_shapes(model: Callable, model_name: str, prototype_trace, args: tuple, kwargs: dict) -> None:
-    """Raises unless the model, called with new arguments, has the same latent sites of the same shapes."""
-    trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
-    for name, site in prototype_trace.iter_stochastic_nodes():
-        new = trace.nodes.get(name)
-        if new is None:
-            raise GuideSetupError(
-                f"latent site {name!r} of model {model_name!r} disappeared "
-                "when the model was called with new arguments; the guide was set up "
-                "for a fixed set of latents: build a new guide for this model call."
-            )
-        if new["value"].shape != site["value"].shape:
-            raise GuideSetupError(
-                f"latent site {name!r} changed shape between calls: "
-                f"{tuple(site['value'].shape)} when the guide was set up, "
-                f"{tuple(new['value'].shape)} now. A global guide has one fixed "
-                "latent vector; build a new guide, or use AutoAmortizedFlowGuide "
-                "for per-datum latents."
-            )
 
 
 def _latents(trace) -> dict[str, dict]:
