@@ -20,7 +20,7 @@ from torch import Tensor
 from .posterior import unit_tril
 from .sites import GuideSetupError
 
-__all__ = ["GuideContractMixin", "gaussian_attribute_error", "packed_param_name"]
+__all__ = ["GuideContractMixin", "gaussian_attribute_error", "packed_fingerprint", "packed_param_name"]
 
 #: What the Gaussian guides' attributes hold there; a flow guide has no closed form for them.
 GAUSSIAN_ATTRIBUTES = {
@@ -83,6 +83,13 @@ def packed_param_name(
         ]
     )
     return "packed_" + hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def packed_fingerprint(packed: Tensor) -> tuple[float, float]:
+    """A cheap summary of a parameter vector that any training step or load changes: its sum and sum of squares."""
+    with torch.no_grad():
+        flat = packed.detach().double()
+        return float(flat.sum()), float(flat.square().sum())
 
 
 def _rng_devices() -> list[int]:
@@ -163,6 +170,22 @@ class GuideContractMixin:
         """The unit lower-triangular factor of the affine stage, or ``None`` (diagonal)."""
         raw = self._view("scale_tril")
         return None if raw is None else unit_tril(raw)
+
+    def affine_mask(self, names: Sequence[str] = ("loc", "log_scale")) -> Tensor:
+        """A boolean mask over the packed parameter: True on the affine stage's tensors ``names``."""
+        packed = self._parameters["packed"]
+        mask = torch.zeros(packed.shape, dtype=torch.bool, device=packed.device)
+        for name in names:
+            slot = self._packing.named.get(name)
+            if slot is not None:
+                mask[slot.start : slot.stop] = True
+        return mask
+
+    @property
+    def untrained(self) -> bool:
+        """Whether the packed parameter still holds the values it was set up with (not trained, not loaded)."""
+        held = self.__dict__.get("_initial_fingerprint")
+        return held is not None and held == packed_fingerprint(self._parameters["packed"])
 
     # ------------------------------------------------------------ summaries
     @torch.no_grad()

@@ -41,8 +41,8 @@ from torch.distributions import biject_to
 from ..flows.registry import resolve_flow
 from ..transforms import flow_cache_clearers, flow_transform
 from .centring import CentringTransform, NoncenteredMixin
-from .contract import GuideContractMixin, packed_param_name
-from .packing import Packing
+from .contract import GuideContractMixin, packed_fingerprint, packed_param_name
+from .packing import Packing, fan_in_factor
 from .sizes import check_flow_size
 from .posterior import FlowChain, FlowPosterior, affine_parameters, affine_stage, detached_copy, relink
 from .sites import (
@@ -131,6 +131,13 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
             none; or a list of site names. The sites chosen are in
             :attr:`noncentered_sites` once the guide is set up. The model is
             run once per guide call to evaluate :math:`m` and :math:`s`.
+        network_scale: ``"fan_in"`` (the default): the flow's network layers
+            are held at :math:`1/\sqrt{\text{fan-in}}` of their scale in the
+            packed parameter (see :func:`~pyro_flowguide.guides.packing.fan_in_factor`),
+            so that an optimiser step of lr moves each layer by about lr
+            relative to its size, as it moves the affine stage; ``None``: held
+            as they are (the flow's heads then move about ``hidden / 2`` times
+            faster than the affine stage).
         hyper: Further hyper-parameters for the Zuko constructor (e.g. ``bins``).
 
     Example:
@@ -154,9 +161,13 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         transforms: int | None = None,
         estimator: str = "auto",
         noncentered: bool | str | Sequence[str] = "auto",
+        network_scale: str | None = "fan_in",
         **hyper: Any,
     ) -> None:
         self._noncentered_arg = check_options(noncentered, init_scale, estimator, covariance)
+        if network_scale not in ("fan_in", None):
+            raise ValueError(f"network_scale must be 'fan_in' or None, got {network_scale!r}")
+        self._network_scale = network_scale
         self.estimator = estimator  # "auto" is resolved once the latent size is known
         resolved = resolve_flow(flow)  # unknown names fail here, before any tracing
         given = {"hidden_features": hidden_features, "transforms": transforms}
@@ -228,15 +239,19 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         check_flow_size(self._flow_arg[0], dim, {"hidden_features": (_hidden_size(dim),) * 2, **self._hyper})
         flow = build_flow(self._flow_arg[0], dim, self._hyper).to(dtype=dtype, device=device)
         # One flat parameter for the affine stage and (where allowed) the flow.
-        self._packing = Packing(named, flow if resolve_flow(self._flow_arg[0]).packable else None)
+        factor = fan_in_factor if self._network_scale == "fan_in" else None
+        self._packing = Packing(named, flow if resolve_flow(self._flow_arg[0]).packable else None, factor)
         self._flow_has_params = any(True for _ in flow.parameters())
         self.flow = flow
+        # The network scale is part of the name: the same numbers mean other weights under another scale.
+        scaled = {"network_scale": self._network_scale} if self._network_scale else {}
         self._packed_name = packed_param_name(
             self._model_name, self._unconstrained_shapes, self.noncentered_sites,
-            self._packing.layout(), self._flow_arg[0], self._hyper,
+            self._packing.layout(), self._flow_arg[0], {**self._hyper, **scaled},
         )
         self._check_store(self._packing.initial.shape)
         self.packed = nn.Parameter(self._packing.initial)
+        self._initial_fingerprint = packed_fingerprint(self._packing.initial)
 
     # ------------------------------------------------------------- posterior
     def get_base_dist(self) -> dist.Distribution:

@@ -18,13 +18,14 @@ flow registry says which families may be packed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Packing"]
+__all__ = ["Packing", "fan_in_factor"]
 
 
 class _Unpack(torch.autograd.Function):
@@ -53,6 +54,27 @@ class _Unpack(torch.autograd.Function):
         return torch.cat(parts), None
 
 
+def fan_in_factor(module: nn.Module, name: str, param: Tensor) -> float:
+    r"""The step-size factor of a layer's weight and bias: :math:`1/\sqrt{\text{fan-in}}` (1 for others).
+
+    A weight of a layer with fan-in :math:`H` is of order :math:`1/\sqrt{H}`,
+    so a step of lr is :math:`\sqrt{H}` times larger relative to it than to
+    an affine stage's location or log-scale; and a zero-initialised output
+    layer over :math:`H` non-negative features moves its output by about
+    :math:`\mathrm{lr} \cdot H / 2` per step while its gradients agree in sign.
+    Held as :math:`\mathrm{raw} / \sqrt{H}`, each layer moves by about lr
+    relative to its scale.
+
+    Example:
+        >>> fan_in_factor(nn.Linear(16, 3), "weight", None)
+        0.25
+    """
+    weight = getattr(module, "weight", None)
+    if name in ("weight", "bias") and isinstance(weight, Tensor) and weight.dim() == 2:
+        return 1.0 / math.sqrt(max(int(weight.shape[1]), 1))
+    return 1.0
+
+
 class _Slot(NamedTuple):
     module: str  # qualified name in the module tree ("" for a named tensor)
     name: str
@@ -69,6 +91,9 @@ class Packing:
         module: A module tree whose trainable parameters are laid out next and
             removed from it (``None`` for none). Parameters that do not require
             grad are left in place; a parameter shared by two modules gets one range.
+        factor: ``factor(module, name, parameter)``, the scale at which the
+            module reads each of its packed parameters (see the module
+            docstring; ``None``: 1 for all).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
@@ -81,14 +106,22 @@ class Packing:
         (torch.Size([4, 1]), torch.Size([2]))
     """
 
-    def __init__(self, named: Sequence[tuple[str, Tensor]], module: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        named: Sequence[tuple[str, Tensor]],
+        module: nn.Module | None = None,
+        factor: Callable[[nn.Module, str, Tensor], float] | None = None,
+    ) -> None:
         chunks: list[Tensor] = []
         slots: list[_Slot] = []
+        self._factors: dict[int, float] = {}  # start of a range -> its factor, where not 1
         offset = 0
 
-        def place(owner: str, name: str, tensor: Tensor) -> _Slot:
+        def place(owner: str, name: str, tensor: Tensor, f: float = 1.0) -> _Slot:
             nonlocal offset
-            chunks.append(tensor.detach().reshape(-1))
+            if f != 1.0:
+                self._factors[offset] = f
+            chunks.append(tensor.detach().reshape(-1) / f)
             slot = _Slot(owner, name, offset, offset + tensor.numel(), tensor.shape)
             offset = slot.stop
             return slot
@@ -101,7 +134,10 @@ class Packing:
                     if p is None or not p.requires_grad:
                         continue
                     first = seen.get(id(p))
-                    slot = place(owner, name, p) if first is None else first._replace(module=owner, name=name)
+                    if first is None:
+                        slot = place(owner, name, p, 1.0 if factor is None else float(factor(m, name, p)))
+                    else:
+                        slot = first._replace(module=owner, name=name)
                     seen.setdefault(id(p), slot)
                     slots.append(slot)
             for slot in slots:
@@ -116,6 +152,15 @@ class Packing:
     def layout(self) -> tuple[tuple[str, str, torch.Size], ...]:
         """``(module, name, shape)`` of each packed tensor, in order (module ``""`` for a named tensor)."""
         return tuple((s.module, s.name, s.shape) for s in (*self.named.values(), *self.module_slots))
+
+    def factor_of(self, module: str, name: str) -> float:
+        """The factor at which ``module`` (its qualified name) reads its packed parameter ``name``."""
+        slot = next(s for s in self.module_slots if (s.module, s.name) == (module, name))
+        return self._factors.get(slot.start, 1.0)
+
+    def _scaled(self, piece: Tensor, start: int) -> Tensor:
+        f = self.__dict__.get("_factors", {}).get(start)
+        return piece if f is None else f * piece
 
     def _resolved(self, module: nn.Module) -> list[tuple[dict, str, int, int, torch.Size]]:
         # Resolving names walks the tree, so it is done once per module tree.
@@ -132,13 +177,14 @@ class Packing:
         """Puts views of ``flat`` into ``module``'s tree; returns views of the named tensors.
 
         ``module`` is the packed tree or a copy of it (``copy.deepcopy`` of an
-        unbound tree, see :meth:`unbind`).
+        unbound tree, see :meth:`unbind`). A parameter read at a factor other
+        than 1 gets ``factor * view``, which is not a view.
         """
         # One slice per tensor, not one split: views from a split may not be
         # used once the flat tensor is updated in place, slices may.
         if module is not None:
             for attrs, name, start, size, shape in self._resolved(module):
-                attrs[name] = flat.narrow(0, start, size).view(shape)
+                attrs[name] = self._scaled(flat.narrow(0, start, size).view(shape), start)
         return {name: flat.narrow(0, s.start, s.stop - s.start).view(s.shape) for name, s in self.named.items()}
 
     def bind_for_grad(self, flat: Tensor, module: nn.Module | None = None) -> dict[str, Tensor]:
@@ -155,7 +201,7 @@ class Packing:
         views = {name: pieces[piece_at[s.start, s.stop]].view(s.shape) for name, s in self.named.items()}
         if module is not None:
             for attrs, name, start, size, shape in self._resolved(module):
-                attrs[name] = pieces[piece_at[start, start + size]].view(shape)
+                attrs[name] = self._scaled(pieces[piece_at[start, start + size]].view(shape), start)
         return views
 
     def _layout(self) -> tuple[tuple[int, ...], dict[tuple[int, int], int]]:

@@ -85,9 +85,15 @@ def _nonfinite(value: Tensor) -> str:
 def check_init_value(site: dict, value: Any) -> Any:
     """Raises unless an initial value suits its latent site: its shape, finite, inside the support.
 
-    A value that broadcasts to the site's shape is expanded to it. Called by
+    A value that broadcasts to the site's shape is expanded to it; a Python
+    number or array becomes a tensor of the default dtype. Called by
     :func:`with_feasible_fallback` for every value the init strategy returns.
     """
+    if isinstance(value, (int, float, list, tuple)) or type(value).__module__ == "numpy":
+        try:
+            value = torch.as_tensor(value, dtype=torch.get_default_dtype())
+        except (TypeError, ValueError, RuntimeError):
+            pass  # not numeric: refused below, or by Pyro
     if not torch.is_tensor(value):
         return value
     name, fn = site["name"], site["fn"]

@@ -91,29 +91,46 @@ class ClearFlowCaches(Callback):
 
 
 class NonFiniteGuard(Callback):
-    """Stops the fit after ``max_consecutive`` skipped (non-finite) steps in a row.
+    """Backs off after every ``backoff_every`` skipped (non-finite) steps in a row, and stops after ``max_consecutive``.
 
     :func:`fit` always skips a non-finite step (its optimiser update is not
-    applied); this callback decides when to give up. It then traces the model
+    applied); this callback decides what to do about a run of them. Every
+    ``backoff_every`` bad steps in a row it halves the learning rate of every
+    parameter group (the rest of a decay schedule follows from there) and
+    counts it in ``backoffs``. After ``max_consecutive`` it gives up: it traces the model
     and guide once and raises :class:`NonFiniteLossError` naming every site
     whose value or log-density is non-finite. Pass your own instance in
     ``callbacks`` to change the limit.
 
     Arguments:
         max_consecutive: Bad steps in a row before giving up (default 20).
+        backoff_every: Bad steps in a row between two halvings of the
+            learning rate (default 5; ``None``: never).
     """
 
-    def __init__(self, max_consecutive: int = DEFAULT_MAX_BAD_STEPS) -> None:
+    def __init__(self, max_consecutive: int = DEFAULT_MAX_BAD_STEPS, backoff_every: int | None = 5) -> None:
         if max_consecutive < 1:
             raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
+        if backoff_every is not None and not (isinstance(backoff_every, int) and backoff_every >= 1):
+            raise ValueError(f"backoff_every must be a positive integer or None, got {backoff_every!r}")
         self.max_consecutive = max_consecutive
+        self.backoff_every = backoff_every
+        self.backoffs = 0
         self._run = 0
+
+    def _back_off(self, state: FitState) -> None:
+        for opt in getattr(state.optim, "optim_objs", {}).values():
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] * 0.5
+        self.backoffs += 1
 
     def on_step(self, state: FitState) -> None:
         if state.finite:
             self._run = 0
             return
         self._run += 1
+        if self.backoff_every and self._run % self.backoff_every == 0 and self._run < self.max_consecutive:
+            self._back_off(state)
         if self._run >= self.max_consecutive:
             sites = nonfinite_sites(state.model, state.guide, state.args, state.kwargs)
             found = (
@@ -133,10 +150,11 @@ class NonFiniteGuard(Callback):
             )
 
     def state_dict(self) -> dict:
-        return {"run": self._run}
+        return {"run": self._run, "backoffs": self.backoffs}
 
     def load_state_dict(self, state: dict) -> None:
         self._run = int(state.get("run", 0))
+        self.backoffs = int(state.get("backoffs", 0))
 
 
 class ProgressBar(Callback):

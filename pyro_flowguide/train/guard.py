@@ -22,6 +22,9 @@ __all__ = ["GuardedSVI", "NonFiniteLossError", "first_line", "nonfinite_sites"]
 #: Pyro's validation message for a distribution parameter that is NaN/inf.
 INVALID_PARAMETER = re.compile(r"Expected parameter .* found invalid values", re.DOTALL)
 
+#: Pyro's validation message for a value outside its support, with the site's name.
+OUTSIDE_SUPPORT = re.compile(r"at site '(?P<site>[^']+)':\s*Expected value argument .* to be within the support", re.DOTALL)
+
 
 class NonFiniteLossError(ValueError):
     """Raised by :func:`fit` after too many consecutive non-finite steps.
@@ -91,7 +94,11 @@ class GuardedSVI(SVI):
     or a gradient is NaN/inf, or when Pyro's validation rejects a distribution
     parameter ("Expected parameter ... found invalid values"). After each step
     ``finite`` says whether the update was applied and, when it was not,
-    ``bad_reason`` says why. Arguments are those of ``SVI``.
+    ``bad_reason`` says why. A latent site's draw outside its support (a
+    positive draw that underflowed to 0, a unit-interval one rounded to 1)
+    is a numerical failure of the step too, and is skipped alike; the same
+    error for an observed site is the data's, and is raised. Arguments are
+    those of ``SVI``.
 
     Example:
         >>> import pyro, torch, pyro.distributions as dist
@@ -117,10 +124,12 @@ class GuardedSVI(SVI):
             with poutine.trace(param_only=True) as capture:
                 loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         except ValueError as err:
-            if not INVALID_PARAMETER.search(str(err)):
+            if not (INVALID_PARAMETER.search(str(err)) or self._latent_outside_support(err)):
                 raise
             zero_grads(p for _, p in pyro.get_param_store().named_parameters())
-            self.finite, self.bad_reason = False, first_line(err)
+            outside = OUTSIDE_SUPPORT.search(str(err))
+            why = f"a draw of latent site {outside['site']!r} outside its support" if outside else first_line(err)
+            self.finite, self.bad_reason = False, why
             return math.nan
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         if isinstance(loss, tuple):
@@ -134,3 +143,12 @@ class GuardedSVI(SVI):
             self.bad_reason = f"loss {loss}" if not math.isfinite(loss) else "non-finite gradient"
         zero_grads(params)
         return loss
+
+    def _latent_outside_support(self, err: ValueError) -> bool:
+        """Whether ``err`` is Pyro's support check failing for a latent site of the guide."""
+        found = OUTSIDE_SUPPORT.search(str(err))
+        trace = getattr(self.guide, "prototype_trace", None)
+        if found is None or trace is None or found["site"] not in trace.nodes:
+            return False
+        site = trace.nodes[found["site"]]
+        return site["type"] == "sample" and not site["is_observed"]

@@ -32,10 +32,13 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch import Tensor
 
-__all__ = ["RenyiDReG_ELBO", "DEFAULT_ALPHA"]
+__all__ = ["RenyiDReG_ELBO", "DEFAULT_ALPHA", "DEAD_LOG_RATIO"]
 
 #: The order :func:`pyro_flowguide.fit` uses with ``AutoFlowGuide`` (figures in ``benchmarks/RESULTS.md``).
 DEFAULT_ALPHA = 0.5
+
+#: Particles whose scaled log weight is this far below the largest get no gradient.
+DEAD_LOG_RATIO = 60.0
 
 
 class RenyiDReG_ELBO(Trace_ELBO):
@@ -70,6 +73,14 @@ class RenyiDReG_ELBO(Trace_ELBO):
         vectorize_particles: Draw them under an outer plate (one pass).
         max_plate_nesting: As for ``Trace_ELBO``.
 
+    A particle of negligible weight (a scaled log weight more than
+    ``DEAD_LOG_RATIO`` below the largest, or NaN) gets no gradient: its
+    coefficient is 0, and the gradient reaching its draws is cut, since a draw
+    far in a tail can have a log weight of -1e33 and a gradient that
+    overflows, and 0 times inf is NaN. A NaN log weight counts as
+    :math:`-\infty` in the bound. If every particle is negligible the step
+    accumulates no gradient.
+
     ``loss`` and ``loss_and_grads`` return :math:`-\mathcal{L}_\alpha`. The guide
     must be reparameterised and give path-only log-densities (see above);
     ``differentiable_loss`` is not offered, since one scalar cannot carry
@@ -100,9 +111,13 @@ class RenyiDReG_ELBO(Trace_ELBO):
         self.alpha = float(alpha)
 
     # ---------------------------------------------------------------- pieces
-    def _log_weights(self, model, guide, args, kwargs) -> tuple[Tensor, set, set]:
-        """Per-particle log weights ``(K,)`` and the guide's and the model's own parameters."""
+    def _log_weights(self, model, guide, args, kwargs) -> tuple[Tensor, set, set, list]:
+        """Per-particle log weights ``(K,)``, the guide's and the model's own parameters, and the guide's traces.
+
+        The traces come as ``(trace, particle index)``, the index ``None`` for one vectorised trace.
+        """
         log_weights = []
+        draws = []
         guide_params: set = set()
         model_params: set = set()
         vectorized = self.vectorize_particles and self.num_particles > 1
@@ -120,29 +135,39 @@ class RenyiDReG_ELBO(Trace_ELBO):
                 if site["type"] == "sample":
                     lw = lw - _per_particle(site["log_prob"], dim)
             log_weights.append(torch.as_tensor(lw).expand(self.num_particles if vectorized else ()))
+            draws.append((guide_trace, None if vectorized else len(draws)))
             guide_params.update(_unconstrained_params(guide_trace))
             model_params.update(_unconstrained_params(model_trace))
         lw = log_weights[0] if vectorized else torch.stack(log_weights)
-        return lw, guide_params, model_params - guide_params
+        return lw, guide_params, model_params - guide_params, draws
 
     def _bound(self, log_weights: Tensor) -> Tensor:
-        scaled = (1.0 - self.alpha) * log_weights
+        scaled = (1.0 - self.alpha) * _nan_to_neg_inf(log_weights)
         return (torch.logsumexp(scaled, 0) - math.log(scaled.shape[0])) / (1.0 - self.alpha)
 
     # ------------------------------------------------------------ interface
     @torch.no_grad()
     def loss(self, model, guide, *args: Any, **kwargs: Any) -> float:
         """An estimate of :math:`-\\mathcal{L}_\\alpha` with ``num_particles`` draws."""
-        lw, _, _ = self._log_weights(model, guide, args, kwargs)
+        lw = self._log_weights(model, guide, args, kwargs)[0]
         return -self._bound(lw).item()
 
     def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
         """Estimates :math:`-\\mathcal{L}_\\alpha` and accumulates its gradient in ``.grad``."""
-        lw, guide_params, model_params = self._log_weights(model, guide, args, kwargs)
+        lw, guide_params, model_params, draws = self._log_weights(model, guide, args, kwargs)
         if lw.requires_grad:
             with torch.no_grad():
-                w_hat = torch.softmax((1.0 - self.alpha) * lw, 0)
+                scaled = (1.0 - self.alpha) * _nan_to_neg_inf(lw.detach())
+                w_hat = torch.softmax(scaled, 0)
                 coef = self.alpha * w_hat + (1.0 - self.alpha) * w_hat**2
+                dead = ~(scaled - scaled.max() > -DEAD_LOG_RATIO)
+            if bool(dead.any()):
+                if bool(dead.all()):
+                    return -self._bound(lw.detach()).item()
+                w_hat = torch.where(dead, torch.zeros_like(w_hat), w_hat)
+                coef = torch.where(dead, torch.zeros_like(coef), coef)
+                lw = torch.where(dead, lw.detach().nan_to_num(0.0, 0.0, 0.0), lw)
+                _cut_dead(draws, dead)
             guide_params = [p for p in guide_params if p.requires_grad]
             model_params = [p for p in model_params if p.requires_grad]
             if guide_params:
@@ -157,6 +182,27 @@ class RenyiDReG_ELBO(Trace_ELBO):
             "model's gradients differently. Use loss_and_grads (SVI, pyro_flowguide.fit), "
             "or pyro.infer.RenyiELBO / Trace_ELBO where a differentiable loss is needed."
         )
+
+
+def _cut_dead(draws: list, dead: Tensor) -> None:
+    """Zeroes, in the backward pass, the gradient reaching the guide's draws of the ``dead`` particles."""
+    k = dead.shape[0]
+    for guide_trace, index in draws:
+        if index is not None and not bool(dead[index]):
+            continue
+        for site in guide_trace.nodes.values():
+            value = site.get("value")
+            if site["type"] != "sample" or not torch.is_tensor(value) or not value.requires_grad:
+                continue
+            if index is not None:
+                value.register_hook(torch.zeros_like)
+            elif value.dim() >= 1 and value.shape[0] == k:
+                keep = (~dead).reshape((k,) + (1,) * (value.dim() - 1))
+                value.register_hook(lambda g, keep=keep: torch.where(keep, g, torch.zeros_like(g)))
+
+
+def _nan_to_neg_inf(lw: Tensor) -> Tensor:
+    return torch.where(torch.isnan(lw), torch.full_like(lw, -math.inf), lw)
 
 
 def _per_particle(log_prob: Tensor, dim: int | None) -> Tensor:
