@@ -13,13 +13,14 @@ from .density import DensityFit, ValidationLoss, fit_density
 from .guard import GuardedSVI, NonFiniteLossError
 from .loop import FitResult, FitState, fit
 from .losses import DEFAULT_ALPHA, RenyiDReG_ELBO
+from .warm_start import GaussianStageResult, gaussian_stage
 
 __all__ = [
     "DEFAULT_ALPHA", "DEFAULT_CHECKPOINT_EVERY", "DEFAULT_CLIP_NORM", "DEFAULT_FINAL_LR", "DEFAULT_LR",
     "DEFAULT_MAX_BAD_STEPS", "DEFAULT_NUM_PARTICLES", "DEFAULT_STEPS", "LOSS_SMOOTHING",
     "Callback", "Checkpoint", "CheckpointCorruptedError", "CheckpointIncompleteError", "CheckpointMismatchError",
     "CheckpointModelMismatchError", "CheckpointNonFiniteError", "ClearFlowCaches", "DensityFit", "EarlyStopping",
-    "FitResult", "FitState", "GuardedSVI", "NonFiniteGuard", "NonFiniteLossError", "ProgressBar",
+    "FitResult", "FitState", "GaussianStageResult", "GuardedSVI", "NonFiniteGuard", "NonFiniteLossError", "ProgressBar",
     "RenyiDReG_ELBO", "ValidationLoss", "default_loss", "default_optim", "fit", "fit_density",
-    "geometric_decay", "load_checkpoint",
+    "gaussian_stage", "geometric_decay", "load_checkpoint",
 ]

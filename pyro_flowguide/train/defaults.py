@@ -11,6 +11,7 @@ from pyro.optim import PyroOptim
 
 from ..guides import AutoAmortizedFlowGuide, AutoFlowGuide
 from .losses import DEFAULT_ALPHA, RenyiDReG_ELBO
+from .warm_start import gaussian_stage
 
 __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
@@ -103,16 +104,19 @@ class TrainingDefaults:
         final_lr: Where the learning rate decays to over the run.
         loss: ``loss(guide, num_particles, vectorize_particles, max_plate_nesting)``
             builds the ELBO; called once the guide is set up.
+        warm_start: ``warm_start(model, guide, args, kwargs)``, run before the
+            first step of a fresh fit, or ``None``.
     """
 
     num_particles: int = DEFAULT_NUM_PARTICLES
     final_lr: float = DEFAULT_FINAL_LR
     loss: Callable = _elbo
+    warm_start: Callable | None = None
 
 
 #: Guide type -> its training defaults (a subclass gets its nearest base's; figures in ``benchmarks/RESULTS.md``).
 TRAINING_DEFAULTS: dict[type, TrainingDefaults] = {
-    AutoFlowGuide: TrainingDefaults(num_particles=32, final_lr=3e-4, loss=_flow_guide_loss),
+    AutoFlowGuide: TrainingDefaults(num_particles=32, final_lr=3e-4, loss=_flow_guide_loss, warm_start=gaussian_stage),
     AutoAmortizedFlowGuide: TrainingDefaults(num_particles=8, final_lr=1e-4),
 }
 

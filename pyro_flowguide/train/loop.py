@@ -100,6 +100,9 @@ class FitResult:
             short to tell or was stopped otherwise.
         num_particles: Particles per step; ``vectorized``: whether they ran
             under an outer plate.
+        warm_start: What the guide type's warm start did before the first
+            step (a :class:`~pyro_flowguide.train.warm_start.GaussianStageResult`
+            for ``AutoFlowGuide``), or ``None`` when none ran.
     """
 
     losses: np.ndarray
@@ -111,6 +114,7 @@ class FitResult:
     num_particles: int | None = None
     vectorized: bool | None = None
     converged: bool | None = None
+    warm_start: Any = None
 
     def __repr__(self) -> str:
         return (
@@ -235,6 +239,7 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     resume: bool = False,
+    warm_start: bool = True,
     **kwargs: Any,
 ) -> FitResult:
     r"""Fits ``guide`` to the posterior of ``model`` with Pyro's ``SVI``.
@@ -287,6 +292,12 @@ def fit(
             naming the problem. With another ``steps`` than the checkpoint's
             and the default optimiser, the learning rate decays from its
             current value to the final one over the remaining steps (with a warning).
+        warm_start: Run the ``warm_start`` of the guide's entry in
+            ``TRAINING_DEFAULTS`` before the first step, when the guide is
+            untrained and the fit is not resumed (``AutoFlowGuide``: the
+            Gaussian stage of :func:`~pyro_flowguide.train.warm_start.gaussian_stage`,
+            which fits the affine stage's location and scale by L-BFGS; other
+            guides: none). ``False`` starts from the guide's initial values.
 
     Returns:
         A :class:`FitResult`.
@@ -358,6 +369,10 @@ def fit(
                 )
         if checkpoint is not None and state.signature is None:
             state.signature = fit_signature(guide, *traces)
+        started = None
+        stage = training_defaults(guide).warm_start
+        if warm_start and stage is not None and state.step == 0 and getattr(guide, "untrained", False):
+            started = stage(model, guide, args, kwargs)
 
         _run(state, cbs)
     converged = None
@@ -384,6 +399,7 @@ def fit(
         num_particles=particles,
         vectorized=vectorized,
         converged=converged,
+        warm_start=started,
     )
 
 
