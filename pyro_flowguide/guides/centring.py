@@ -65,6 +65,19 @@ class NoncenteredMixin:
     #: The sites given to the flow in non-centred coordinates (set on set-up).
     noncentered_sites: tuple[str, ...] = ()
 
+    def _centring_model(self) -> Callable:
+        """The model that maps non-centred coordinates to sites; raises if a pickle left it behind."""
+        bare = self.__dict__.get("_bare_model")
+        if bare is None:
+            raise GuideSetupError(
+                f"this guide of model {self._model_name!r} was pickled without its model (a lambda "
+                "or closure cannot be pickled), and its non-centred sites "
+                f"{list(self.noncentered_sites)} need the model to map draws to sites. Save "
+                "torch.save(guide.state_dict(), path) instead, and load it into a new "
+                "AutoFlowGuide(model, ...) after one call guide(*args)."
+            )
+        return bare[0]
+
     def _choose_noncentered(self, args: tuple, kwargs: dict) -> tuple[str, ...]:
         choice = self._noncentered_arg
         if choice is False:
@@ -152,7 +165,7 @@ class NoncenteredMixin:
         lead = latent.shape[:-1]
         pieces = {site["name"]: value for site, value in self._unpack_batch(latent)}
         values, log_scales = run_noncentered(
-            self._bare_model[0], pieces, self.noncentered_sites, args, kwargs, centred=inverse
+            self._centring_model(), pieces, self.noncentered_sites, args, kwargs, centred=inverse
         )
         parts = [
             (values[name] if name in self.noncentered_sites else pieces[name]).reshape(lead + (-1,))
@@ -185,7 +198,7 @@ class NoncenteredMixin:
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         pieces = {site["name"]: value for site, value in self._unpack_latent(latent)}
-        values, log_scales = run_noncentered(self._bare_model[0], pieces, self.noncentered_sites, args, kwargs)
+        values, log_scales = run_noncentered(self._centring_model(), pieces, self.noncentered_sites, args, kwargs)
         masked = poutine.get_mask() is False
         result = {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():

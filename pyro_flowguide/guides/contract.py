@@ -15,7 +15,7 @@ from typing import Any
 
 import pyro
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .posterior import unit_tril
 from .sites import GuideSetupError
@@ -146,9 +146,34 @@ class GuideContractMixin:
                 f"that entry (del pyro.get_param_store()[{fullname!r}]), before building this guide."
             )
 
+    def _packed(self) -> Tensor:
+        """The packed parameter, after adopting the param store's tensor under its name if that is another one.
+
+        Pyro's idiom ``guide(*args); pyro.get_param_store().load(path)`` puts
+        new tensors in the store after set-up; as for Pyro's ``PyroParam``,
+        the store's tensor then becomes the guide's (and an optimiser's).
+        """
+        own = self._parameters["packed"]
+        if self._packed_name is None:
+            return own
+        store = pyro.get_param_store()
+        fullname = self.packed_param_name
+        held = store._params.get(fullname)  # Pyro's own PyroModule reads the store so
+        if held is None or held is own:
+            return own
+        self._check_store(own.shape)
+        if not isinstance(held, nn.Parameter):
+            held = nn.Parameter(held.detach())
+            store._params[fullname] = held
+            store._param_to_name[held] = fullname
+        self._parameters["packed"] = held
+        self.__dict__.pop("_shadow_flow", None)  # it shared the old tensor's storage
+        self.clear_cache()
+        return held
+
     # ------------------------------------------------------ the affine stage
     def _view(self, name: str) -> Tensor | None:
-        return self._packing.bind(self._parameters["packed"]).get(name)
+        return self._packing.bind(self._packed()).get(name)
 
     @property
     def affine_loc(self) -> Tensor:
@@ -173,7 +198,7 @@ class GuideContractMixin:
 
     def affine_mask(self, names: Sequence[str] = ("loc", "log_scale")) -> Tensor:
         """A boolean mask over the packed parameter: True on the affine stage's tensors ``names``."""
-        packed = self._parameters["packed"]
+        packed = self._packed()
         mask = torch.zeros(packed.shape, dtype=torch.bool, device=packed.device)
         for name in names:
             slot = self._packing.named.get(name)
@@ -185,7 +210,7 @@ class GuideContractMixin:
     def untrained(self) -> bool:
         """Whether the packed parameter still holds the values it was set up with (not trained, not loaded)."""
         held = self.__dict__.get("_initial_fingerprint")
-        return held is not None and held == packed_fingerprint(self._parameters["packed"])
+        return held is not None and held == packed_fingerprint(self._packed())
 
     # ------------------------------------------------------------ summaries
     @torch.no_grad()

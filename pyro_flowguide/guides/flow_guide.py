@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -282,6 +283,7 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         """The flow's transforms, then the affine stage: base noise to the guide's flat coordinates."""
         # Reading self.packed (and self.flow, if it kept parameters of its own)
         # inside the guide's context registers them with the param store.
+        self._packed()  # a param store loaded after set-up wins, as for Pyro's own guides
         views = self._bind(self.packed, self._modules["flow"])
         flow = self.flow if self._flow_has_params else self._modules["flow"]
         return _parts_of(flow) + [affine_stage(views)]
@@ -310,11 +312,12 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
     def _detached_parts(self) -> list:
         """Copies of the transforms whose parameters share storage but carry no gradient."""
         flow = self._modules["flow"]
-        flat = self._parameters["packed"].detach()
+        packed = self._packed()
+        flat = packed.detach()
         shadow = self.__dict__.get("_shadow_flow")
         if shadow is None:
             self.clear_cache()
-            shadow = self.__dict__["_shadow_flow"] = detached_copy(flow, self._packing, self._parameters["packed"])
+            shadow = self.__dict__["_shadow_flow"] = detached_copy(flow, self._packing, packed)
         relink(shadow, flow)
         views = self._bind(flat, shadow)
         return _parts_of(shadow) + [affine_stage(views)]
@@ -351,9 +354,11 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
             self._packing.unbind(flow)
         # Pyro's __getstate__ drops the model links from the guide itself, not
         # only from the copy: the copy leaves them out, the guide keeps them.
+        # Non-centred sites need the model after loading: it is kept where it
+        # pickles (a module-level function does, by name; a lambda does not).
         links = self._model, self._bare_model, self.master
         try:
-            self._bare_model = None
+            self._bare_model = links[1] if self.noncentered_sites and _picklable(links[1]) else None
             state = dict(super().__getstate__())
         finally:
             self._model, self._bare_model, self.master = links
@@ -384,6 +389,14 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         raise NotImplementedError(
             "AutoFlowGuide has no closed-form loc/scale; use quantiles() or sample_posterior()"
         )
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - any failure means "no"
+        return False
+    return True
 
 
 def build_flow(flow: Any, dim: int, hyper: dict) -> nn.Module:
