@@ -142,10 +142,10 @@ class NonFiniteGuard(Callback):
             )
             raise NonFiniteLossError(
                 f"fit stopped at step {state.step}: {self._run} consecutive steps had a "
-                f"non-finite loss or gradient (last: {state.bad_reason}). {found}. Check "
-                "the parameterisation of these sites (constraints, scales that can reach 0), "
-                "lower the learning rate, or initialise closer to the data "
-                "(e.g. init_loc_fn=init_to_median).",
+                f"non-finite loss or gradient (last: {state.bad_reason}), after {self.backoffs} "
+                f"halvings of the learning rate. {found}. Check the parameterisation of these "
+                "sites (constraints, scales that can reach 0, a likelihood that overflows), or "
+                "pass a smaller learning rate (optim=pyro.optim.ClippedAdam({'lr': ...})).",
                 sites=sites,
             )
 
