@@ -437,3 +437,47 @@ def test_flow_vae_on_digits_beats_a_gaussian_encoder():
         bounds[flow] = float(result.log_evidence.mean())
     print("digits VAE held-out IW bound (nats/image):", bounds)
     assert bounds["NSF"] > bounds[None], bounds
+
+
+def _trained_linear(amortized):
+    x = linear_data(200)
+    pyro.clear_param_store()
+    guide = AutoAmortizedFlowGuide(linear_model, amortized=amortized, **SMALL)
+    pfg.fit(linear_model, guide, x, 32, steps=20, progress=False, seed=0)
+    return guide, x
+
+
+def test_pickling_a_lambda_context_is_refused_and_the_guide_still_works():
+    guide, x = _trained_linear({"z": lambda x, batch_size=None: x})
+    with pytest.raises(Exception, match=r"amortized\['z'\].*state_dict"):
+        torch.save(guide, io.BytesIO())
+    assert guide.sample_posterior(3, x[:5])["z"].shape == (3, 5)
+
+
+def test_median_and_quantiles_repeat_and_leave_the_random_state_alone():
+    guide, x = _trained_linear({"z": context})
+    state = torch.get_rng_state()
+    first = guide.median(x[:5])
+    assert torch.equal(torch.get_rng_state(), state)
+    again = guide.quantiles([0.5], x[:5])
+    for name in first:
+        assert torch.equal(first[name], again[name][0])
+
+
+def test_a_param_store_loaded_after_the_first_call_is_the_guides(tmp_path):
+    # Pyro's idiom: guide(*args); pyro.get_param_store().load(path)
+    guide, x = _trained_linear({"z": context})
+    pyro.get_param_store().save(tmp_path / "store.pt")
+    torch.manual_seed(5)
+    expected = guide.sample_posterior(4, x[:5])["z"]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(9)
+    fresh = AutoAmortizedFlowGuide(linear_model, amortized={"z": context}, **SMALL)
+    fresh(x, 32)
+    pyro.get_param_store().load(tmp_path / "store.pt")
+    torch.manual_seed(5)
+    assert torch.equal(fresh.sample_posterior(4, x[:5])["z"], expected)
+    # Training goes on from the loaded values, on the tensors the guide reads.
+    before = {k: v.detach().clone() for k, v in fresh.named_parameters()}
+    pfg.fit(linear_model, fresh, x, 32, steps=3, progress=False)
+    assert all(not torch.equal(before[k], v) for k, v in fresh.named_parameters() if "encoder" in k)

@@ -30,6 +30,7 @@ See :class:`AutoAmortizedFlowGuide` for a model and its guide.
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
 from ..tracing import max_plate_nesting
+from .contract import SeededSummaries, store_sync
 from .flow_guide import DEFAULT_FLOW, AutoFlowGuide
 from .local import (
     LocalLayer,
@@ -53,7 +55,7 @@ from .local import (
     read_plates,
     subsample_indices,
 )
-from .sites import GuideSetupError, shapes_of, with_feasible_fallback
+from .sites import GuideSetupError, picklable, shapes_of, with_feasible_fallback
 
 #: The conditional flow of each local site. Splines, because a local latent is
 #: often one-dimensional, where an affine flow would be only a Gaussian.
@@ -82,7 +84,7 @@ class _GlobalFlowGuide(AutoFlowGuide):
         return latent
 
 
-class AutoAmortizedFlowGuide(AutoGuide):
+class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
     r"""Amortized conditional-flow posteriors for local latents, a flow for the globals.
 
     Arguments:
@@ -234,7 +236,11 @@ class AutoAmortizedFlowGuide(AutoGuide):
             site = sites[name]
             frame = self._local_frames()[name]
             full = self._plate_info[frame.name][0]
-            sample = subsample_indices(full, _STANDARDISE_ROWS)
+            with torch.random.fork_rng(devices=[]):
+                # The same rows for the same data whatever the random state: a
+                # guide built again (to load a saved param store) standardises alike.
+                torch.manual_seed(0)
+                sample = subsample_indices(full, _STANDARDISE_ROWS)
             context = self._context_rows(name, args, kwargs, sample).to(dtype=dtype, device=device)
             encoder = make_encoder(self._encoder_arg[0], name, context.shape[-1], self._encoder_features).to(dtype=dtype, device=device)
             rows = context
@@ -284,18 +290,22 @@ class AutoAmortizedFlowGuide(AutoGuide):
         signature = shapes_of(args, kwargs)
         if signature == self._signature:
             return
-        # New data or a new batch size: re-read plate sizes and check the contexts.
-        trace = poutine.block(poutine.trace(poutine.block(self.model, self._prototype_hide_fn)).get_trace)(
-            *args, **kwargs
-        )
+        # New data or a new batch size: re-read plate sizes and check the contexts
+        # (on a fork of the random state: draws do not depend on whether shapes changed).
+        with torch.random.fork_rng(devices=[]):
+            trace = poutine.block(poutine.trace(poutine.block(self.model, self._prototype_hide_fn)).get_trace)(
+                *args, **kwargs
+            )
         self._plate_info = read_plates(trace, self._context_fns, self._site_plate, args, kwargs)
         self._signature = signature
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        if self.prototype_trace is None:
+        setting_up = self.prototype_trace is None
+        if setting_up:
             self._setup_prototype(*args, **kwargs)
         else:
             self._refresh(args, kwargs)
+            store_sync(self).tree(self)  # a param store loaded after set-up wins
         result: dict[str, Tensor] = {}
         globals_ = None
         guide = self.global_guide
@@ -318,7 +328,22 @@ class AutoAmortizedFlowGuide(AutoGuide):
                     batch_shape = torch.Size((len(ind),) + (1,) * (-dim - 1))
                     q = layer.posterior(context, globals_, batch_shape, layer.event_shape)
                     result[name] = pyro.sample(name, q)
+        if setting_up:  # every parameter is in the store now: a store loaded before set-up wins
+            store_sync(self).tree(self)
         return result
+
+    def __getstate__(self) -> dict:
+        # The guide maps new data through the model and the context functions,
+        # so a pickle keeps both; Pyro's own __getstate__ would drop the model
+        # from the live guide as well, so the links are put back.
+        _refuse_unpicklable(self._context_fns, self._model, self._model_name)
+        links = self._model, self.master
+        try:
+            state = dict(super().__getstate__())
+        finally:
+            self._model, self.master = links
+        state["_model"] = links[0]
+        return state
 
     # ------------------------------------------------------------ summaries
     @torch.no_grad()
@@ -333,6 +358,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         else:
             self._refresh(args, kwargs)
+            store_sync(self).tree(self)
         nesting = max_plate_nesting(self.prototype_trace)
         with poutine.block(), pyro.plate("_num_posterior_samples", num_samples, dim=-(nesting + 1)):
             trace = poutine.trace(self).get_trace(*args, **kwargs)
@@ -354,17 +380,15 @@ class AutoAmortizedFlowGuide(AutoGuide):
             return torch.Size((size,) + (1,) * (-frame.dim - 1)) + self.local_layers[name].event_shape
         return self.global_guide.prototype_trace.nodes[name]["value"].shape
 
-    def quantiles(
-        self, quantiles: Sequence[float] | Tensor, *args: Any, num_samples: int = 1000, **kwargs: Any
-    ) -> dict[str, Tensor]:
-        """Monte Carlo posterior quantiles of every latent site (per datum for local sites)."""
-        draws = self.sample_posterior(num_samples, *args, **kwargs)
-        out = {}
-        for name, value in draws.items():
-            q = torch.as_tensor(quantiles, dtype=value.dtype, device=value.device)
-            out[name] = torch.quantile(value, q, dim=0)
-        return out
 
-    def median(self, *args: Any, num_samples: int = 1000, **kwargs: Any) -> dict[str, Tensor]:
-        """Monte Carlo posterior median of every latent site (per datum for local sites)."""
-        return {k: v[0] for k, v in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()}
+def _refuse_unpicklable(context_fns: Mapping[str, Callable], model: tuple | None, model_name: str) -> None:
+    unpicklable = [f"amortized[{name!r}]" for name, fn in context_fns.items() if not picklable(fn)]
+    if model is not None and not picklable(model[0]):
+        unpicklable.append(f"the model {model_name!r}")
+    if unpicklable:
+        raise pickle.PicklingError(
+            f"AutoAmortizedFlowGuide: {', '.join(unpicklable)} cannot be pickled (a lambda or a "
+            "closure), and the guide needs it to serve new data. Define it at module level, or "
+            "save torch.save(guide.state_dict(), path) and load that into a new guide built "
+            "the same way, after one call guide(*args)."
+        )

@@ -10,17 +10,24 @@ says what to use for the Gaussian guides' ``loc``, ``scale`` and ``scale_tril``.
 from __future__ import annotations
 
 import hashlib
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import pyro
 import torch
+from pyro.nn import PyroModule
+from pyro.params.param_store import param_with_module_name
 from torch import Tensor, nn
 
 from .posterior import unit_tril
 from .sites import GuideSetupError
 
-__all__ = ["GuideContractMixin", "gaussian_attribute_error", "packed_fingerprint", "packed_param_name"]
+__all__ = [
+    "GuideContractMixin", "SeededSummaries", "StoreSync", "gaussian_attribute_error", "store_sync",
+    "packed_fingerprint", "packed_param_name",
+]
 
 #: What the Gaussian guides' attributes hold there; a flow guide has no closed form for them.
 GAUSSIAN_ATTRIBUTES = {
@@ -92,6 +99,98 @@ def packed_fingerprint(packed: Tensor) -> tuple[float, float]:
         return float(flat.sum()), float(flat.square().sum())
 
 
+class StoreSync:
+    """Keeps the parameters of a ``PyroModule`` tree and the param store's tensors of their names one and the same.
+
+    Pyro's idiom ``guide(*args); pyro.get_param_store().load(path)`` puts new
+    tensors in the store after set-up. Pyro's ``PyroParam`` attributes adopt
+    them on their next use; plain ``nn.Parameter`` attributes and the
+    parameters of plain ``nn.Module`` children keep their own, and an
+    optimiser would then update store tensors that the guide does not read.
+    Each call compares the store's tensor under a parameter's name with the
+    one it saw last: if the store's changed (a load), the guide adopts it; if
+    only the module's changed (a module replaced after set-up), the store
+    takes the module's. A pickle or copy of it starts afresh.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, weakref.ref] = {}
+
+    def __reduce__(self):
+        return (StoreSync, ())
+
+    def one(self, owner: nn.Module, name: str, fullname: str, strict: bool = True) -> bool:
+        """Syncs ``owner``'s parameter ``name``, stored as ``fullname``; returns whether the guide's changed.
+
+        ``strict``: a loaded tensor of another shape raises; otherwise the
+        module's parameter stays, with a warning.
+        """
+        store = pyro.get_param_store()
+        own = owner._parameters[name]
+        held = store._params.get(fullname)  # where Pyro's PyroModule reads it too
+        if held is None:
+            return False
+        last = self._seen.get(fullname)
+        if held is not own and last is not None and last() is held:
+            held = None  # the store is as it was: the module's parameter is the new one
+        elif held is not own and held.shape != own.shape:
+            if strict:
+                raise GuideSetupError(
+                    f"the param store holds {fullname!r} with shape {tuple(held.shape)}, but the "
+                    f"guide's parameter has shape {tuple(own.shape)} (a store saved from a guide "
+                    "built another way). Build the guide as the saved one was, or call "
+                    "pyro.clear_param_store()."
+                )
+            warnings.warn(
+                f"the param store holds {fullname!r} with shape {tuple(held.shape)}, but the guide's "
+                f"parameter has shape {tuple(own.shape)}: the guide keeps its own.",
+                UserWarning,
+                stacklevel=3,
+            )
+            held = None
+        if held is None or held is own:
+            if store._params[fullname] is not own:
+                store._params[fullname] = own
+                store._param_to_name[own] = fullname
+            self._seen[fullname] = weakref.ref(own)
+            return False
+        if not isinstance(held, nn.Parameter):
+            held = nn.Parameter(held.detach())
+            store._params[fullname] = held
+            store._param_to_name[held] = fullname
+        owner._parameters[name] = held
+        self._seen[fullname] = weakref.ref(held)
+        return True
+
+    def tree(self, module: nn.Module, strict: bool = False) -> bool:
+        """:meth:`one` for every parameter of a ``PyroModule`` tree, under the names Pyro gives them."""
+        changed = False
+        for mod in module.modules():
+            if not isinstance(mod, PyroModule):
+                continue
+            for name, p in list(mod._parameters.items()):
+                if p is not None:
+                    changed |= self.one(mod, name, mod._pyro_get_fullname(name), strict)
+            for child_name, child in mod._modules.items():
+                if child is None or isinstance(child, PyroModule):
+                    continue
+                prefix = mod._pyro_get_fullname(child_name)
+                for owner_name, owner in child.named_modules():
+                    for name, p in list(owner._parameters.items()):
+                        if p is not None:
+                            path = f"{owner_name}.{name}" if owner_name else name
+                            changed |= self.one(owner, name, param_with_module_name(prefix, path), strict)
+        return changed
+
+
+def store_sync(guide: nn.Module) -> StoreSync:
+    """The guide's :class:`StoreSync` (made on first use)."""
+    sync = guide.__dict__.get("_store_sync")
+    if sync is None:
+        sync = guide.__dict__["_store_sync"] = StoreSync()
+    return sync
+
+
 def _rng_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
@@ -147,29 +246,11 @@ class GuideContractMixin:
             )
 
     def _packed(self) -> Tensor:
-        """The packed parameter, after adopting the param store's tensor under its name if that is another one.
-
-        Pyro's idiom ``guide(*args); pyro.get_param_store().load(path)`` puts
-        new tensors in the store after set-up; as for Pyro's ``PyroParam``,
-        the store's tensor then becomes the guide's (and an optimiser's).
-        """
-        own = self._parameters["packed"]
-        if self._packed_name is None:
-            return own
-        store = pyro.get_param_store()
-        fullname = self.packed_param_name
-        held = store._params.get(fullname)  # Pyro's own PyroModule reads the store so
-        if held is None or held is own:
-            return own
-        self._check_store(own.shape)
-        if not isinstance(held, nn.Parameter):
-            held = nn.Parameter(held.detach())
-            store._params[fullname] = held
-            store._param_to_name[held] = fullname
-        self._parameters["packed"] = held
-        self.__dict__.pop("_shadow_flow", None)  # it shared the old tensor's storage
-        self.clear_cache()
-        return held
+        """The packed parameter, after adopting a param store's tensor loaded under its name (see :class:`StoreSync`)."""
+        if self._packed_name is not None and store_sync(self).one(self, "packed", self.packed_param_name):
+            self.__dict__.pop("_shadow_flow", None)  # it shared the old tensor's storage
+            self.clear_cache()
+        return self._parameters["packed"]
 
     # ------------------------------------------------------ the affine stage
     def _view(self, name: str) -> Tensor | None:
@@ -240,3 +321,32 @@ class GuideContractMixin:
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """The posterior median of each latent site (constrained space): ``quantiles([0.5])``."""
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+class SeededSummaries:
+    """``quantiles`` and ``median`` from seeded draws of the guide's ``sample_posterior(num_samples, *args, **kwargs)``.
+
+    The draws use ``summary_seed`` on a fork of the random state, so repeated
+    calls agree, the global random state is left alone, and ``median()`` is
+    ``quantiles([0.5])``.
+    """
+
+    #: The seed of the draws behind :meth:`median` and :meth:`quantiles`.
+    summary_seed: int = 0
+
+    def quantiles(
+        self, quantiles: Sequence[float] | Tensor, *args: Any, num_samples: int = 1000, **kwargs: Any
+    ) -> dict[str, Tensor]:
+        """Posterior quantiles of every latent site (per datum for local sites), from ``num_samples`` seeded draws."""
+        with torch.random.fork_rng(devices=_rng_devices()):
+            torch.manual_seed(self.summary_seed)
+            draws = self.sample_posterior(num_samples, *args, **kwargs)
+        out = {}
+        for name, value in draws.items():
+            q = torch.as_tensor(quantiles, dtype=value.dtype, device=value.device)
+            out[name] = torch.quantile(value, q, dim=0)
+        return out
+
+    def median(self, *args: Any, num_samples: int = 1000, **kwargs: Any) -> dict[str, Tensor]:
+        """The posterior median of every latent site (per datum for local sites): ``quantiles([0.5])``."""
+        return {k: v[0] for k, v in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()}

@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,6 +53,7 @@ from .sites import (
     check_setup_trace,
     named_setup_errors,
     flat_layout,
+    picklable,
     shapes_of,
     with_feasible_fallback,
 )
@@ -358,7 +358,7 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         # pickles (a module-level function does, by name; a lambda does not).
         links = self._model, self._bare_model, self.master
         try:
-            self._bare_model = links[1] if self.noncentered_sites and _picklable(links[1]) else None
+            self._bare_model = links[1] if self.noncentered_sites and picklable(links[1]) else None
             state = dict(super().__getstate__())
         finally:
             self._model, self._bare_model, self.master = links
@@ -389,14 +389,6 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         raise NotImplementedError(
             "AutoFlowGuide has no closed-form loc/scale; use quantiles() or sample_posterior()"
         )
-
-
-def _picklable(obj: Any) -> bool:
-    try:
-        pickle.dumps(obj)
-    except Exception:  # noqa: BLE001 - any failure means "no"
-        return False
-    return True
 
 
 def build_flow(flow: Any, dim: int, hyper: dict) -> nn.Module:

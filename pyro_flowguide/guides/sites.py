@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from ..flows.registry import FlowSpec
 
 __all__ = [
     "GuideSetupError",
+    "picklable",
     "TraceSignature",
     "bijection",
     "check_context",
@@ -53,6 +55,15 @@ def bijection(site: dict) -> Transform:
             "bijection to unconstrained space; reparametrise it (e.g. a covariance "
             "matrix as scales times an LKJCholesky factor) or guide it separately."
         ) from None
+
+
+def picklable(obj: Any) -> bool:
+    """Whether ``pickle`` can save ``obj`` (a module-level function can, by name; a lambda cannot)."""
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - any failure means "no"
+        return False
+    return True
 
 
 def with_feasible_fallback(init_loc_fn: Callable) -> Callable:
