@@ -17,6 +17,7 @@ from .guides import (
     DEFAULT_FLOW,
     AutoAmortizedFlowGuide,
     AutoFlowGuide,
+    AutoStructuredFlowGuide,
     GuideSetupError,
     GuideSizeWarning,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "to_inference_data",
     "AutoAmortizedFlowGuide",
     "AutoFlowGuide",
+    "AutoStructuredFlowGuide",
     "DEFAULT_FLOW",
     "GuideSetupError",
     "GuideSizeWarning",

@@ -25,7 +25,7 @@ from .posterior import unit_tril
 from .sites import GuideSetupError
 
 __all__ = [
-    "GuideContractMixin", "SeededSummaries", "StoreSync", "gaussian_attribute_error", "store_sync",
+    "GuideContractMixin", "SeededSummaries", "StoreSync", "gaussian_attribute_error", "rng_devices", "store_sync",
     "packed_fingerprint", "packed_param_name",
 ]
 
@@ -191,7 +191,7 @@ def store_sync(guide: nn.Module) -> StoreSync:
     return sync
 
 
-def _rng_devices() -> list[int]:
+def rng_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
@@ -298,7 +298,7 @@ class GuideContractMixin:
     def _summary_latent(self, args: tuple, kwargs: dict) -> Tensor:
         """``summary_draws`` flat latents drawn with ``summary_seed``, the global random state untouched."""
         posterior = self.get_posterior(*args, **kwargs)
-        with torch.random.fork_rng(devices=_rng_devices()):
+        with torch.random.fork_rng(devices=rng_devices()):
             torch.manual_seed(self.summary_seed)
             latent = posterior.sample((self.summary_draws,))
             self.clear_cache()
@@ -338,7 +338,7 @@ class SeededSummaries:
         self, quantiles: Sequence[float] | Tensor, *args: Any, num_samples: int = 1000, **kwargs: Any
     ) -> dict[str, Tensor]:
         """Posterior quantiles of every latent site (per datum for local sites), from ``num_samples`` seeded draws."""
-        with torch.random.fork_rng(devices=_rng_devices()):
+        with torch.random.fork_rng(devices=rng_devices()):
             torch.manual_seed(self.summary_seed)
             draws = self.sample_posterior(num_samples, *args, **kwargs)
         out = {}
