@@ -297,7 +297,8 @@ def fit(
             untrained and the fit is not resumed (``AutoFlowGuide``: the
             Gaussian stage of :func:`~pyro_flowguide.train.warm_start.gaussian_stage`,
             which fits the affine stage's location and scale by L-BFGS; other
-            guides: none). ``False`` starts from the guide's initial values.
+            guides: none; not for a model with enumerated sites). ``False``
+            starts from the guide's initial values.
 
     Returns:
         A :class:`FitResult`.
@@ -371,7 +372,9 @@ def fit(
             state.signature = fit_signature(guide, *traces)
         started = None
         stage = training_defaults(guide).warm_start
-        if warm_start and stage is not None and state.step == 0 and getattr(guide, "untrained", False):
+        # An enumerated model's objective is TraceEnum_ELBO's, which the stage does not use.
+        enumerated = isinstance(loss, TraceEnum_ELBO)
+        if warm_start and stage is not None and state.step == 0 and not enumerated and getattr(guide, "untrained", False):
             started = stage(model, guide, args, kwargs)
 
         _run(state, cbs)
