@@ -238,3 +238,18 @@ def test_the_name_is_the_same_in_another_process():
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip().splitlines()[-1] == guide.packed_param_name
+
+
+def test_jit_elbo_trains_a_one_dimensional_latent():
+    # One coordinate takes the batched-autograd score (no closed form), which
+    # used vmap, and vmap cannot be traced.
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 0.5), obs=torch.tensor(0.8))
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoFlowGuide(model, estimator="stl")
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.JitTrace_ELBO())
+    losses = [svi.step() for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses)))

@@ -191,9 +191,15 @@ def draw_with_batched_score(
         lead = (1,) * (eps.dim() - 1)
         grad_y = eye[:, :d].reshape((d + 1,) + lead + (d,)).expand((d + 1,) + y.shape)
         grad_l = eye[:, d].reshape((d + 1,) + lead).expand((d + 1,) + ladj.shape)
-        (rows,) = torch.autograd.grad(
-            (y, ladj), (eps,), (grad_y, grad_l), retain_graph=True, is_grads_batched=True
-        )
+        if torch.jit.is_tracing():
+            # vmap (is_grads_batched) and shaped grad_outputs cannot be traced: one
+            # pass per direction, of a sum (the draws of a batch do not interact).
+            outputs = [y[..., k].sum() for k in range(d)] + [ladj.sum()]
+            rows = torch.stack([torch.autograd.grad(out, (eps,), retain_graph=True)[0] for out in outputs])
+        else:
+            (rows,) = torch.autograd.grad(
+                (y, ladj), (eps,), (grad_y, grad_l), retain_graph=True, is_grads_batched=True
+            )
         jac_t = rows[:d].movedim(0, -1)  # J_f^T: [..., i, k] = d y_k / d eps_i
         # A singular J (a collapsed scale) gives a non-finite score, hence a
         # non-finite gradient that fit's guard skips, rather than an exception.
