@@ -97,3 +97,22 @@ def test_the_readme_fit_ends_at_the_posterior(seed):
     sd = noise / x.numel() ** 0.5
     assert abs(float(draws["a"].mean()) - float(coef[0])) < 0.5 * sd
     assert 0.8 < float(draws["a"].std()) / sd < 1.25
+
+
+def test_without_flow_is_the_affine_stage_alone():
+    x, y = linear_regression_data()
+    pyro.clear_param_store()
+    guide = pfg.AutoFlowGuide(linear_regression)
+    guide(x, y)
+    with torch.no_grad():  # move the flow off the identity: the two then differ
+        guide.packed[guide.affine_mask().logical_not()] += 0.1
+    with guide.without_flow():
+        torch.manual_seed(0)
+        alone = guide.get_posterior(x, y).sample((5,))
+    torch.manual_seed(0)
+    eps = torch.randn(5, guide.latent_dim)
+    loc, scale, tril = guide.affine_loc.detach(), guide.affine_scale.detach(), guide.affine_unit_tril
+    expected = loc + (eps @ tril.T) * scale if tril is not None else loc + eps * scale
+    assert torch.allclose(alone, expected, atol=1e-5)
+    torch.manual_seed(0)
+    assert not torch.allclose(guide.get_posterior(x, y).sample((5,)), alone)

@@ -20,6 +20,7 @@ samples in constrained space and compare them with the cached reference
     python benchmarks/real/run.py --targets radon,baseball --guides autonormal,autoflow --seeds 0 --steps 300
     python benchmarks/real/run.py --steps 3000 --seeds 0,1,2 --json benchmarks/.cache/real/run.json
     python benchmarks/real/run.py --targets stoch_vol --guides autonormal,autoflow --lr 0.01 --steps 3000
+    python benchmarks/real/run.py --summary run_autoflow.json,run_anchors.json   # seed means, default vs best anchor
 """
 from __future__ import annotations
 
@@ -196,6 +197,43 @@ def print_table(t, rows):
               + (f"  {r['error'].splitlines()[0]}" if r.get("error") else ""), flush=True)
 
 
+def summarize(paths):
+    """Per target and guide, over seeds: stops, skipped steps, and the mean of the largest standardised
+    mean error, of the worst |log sd ratio|, of w1 and of k-hat; then the default guide against the best anchor."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += json.load(f)
+    table = {}
+    for r in rows:
+        table.setdefault((r["target"], r["guide"]), []).append(r)
+    print("| target | guide | seeds | stopped | skipped | max SME | worst abs log sd ratio | w1 | k-hat |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    summary = {}
+    for (target, guide), rs in sorted(table.items()):
+        ok = [r for r in rs if r.get("sme_max") is not None]
+        mean = lambda key: float(np.mean([key(r) for r in ok])) if ok else math.nan  # noqa: E731
+        sme = mean(lambda r: r["sme_max"])
+        lsd = mean(lambda r: max(abs(math.log(r["sd_min"])), abs(math.log(r["sd_max"]))))
+        summary[target, guide] = (sme, lsd)
+        print(f"| {target} | {guide} | {','.join(str(r['seed']) for r in rs)} | {len(rs) - len(ok)} | "
+              f"{sum(int(r.get('skipped') or 0) for r in ok)} | {sme:.3f} | {lsd:.3f} | "
+              f"{mean(lambda r: r['w1']):.3f} | {mean(lambda r: r['khat']):.2f} |")
+    print()
+    print("| target | default: max SME / worst abs log sd ratio | best anchor on each | default better by >= 20% on both |")
+    print("|---|---|---|---|")
+    for target in sorted({t for t, _ in summary}):
+        mine = summary.get((target, "autoflow"))
+        anchors = {g: v for (t, g), v in summary.items() if t == target and g != "autoflow" and not math.isnan(v[0])}
+        if mine is None or not anchors:
+            continue
+        best_sme = min(anchors.items(), key=lambda kv: kv[1][0])
+        best_lsd = min(anchors.items(), key=lambda kv: kv[1][1])
+        better = mine[0] <= 0.8 * best_sme[1][0] and mine[1] <= 0.8 * best_lsd[1][1]
+        print(f"| {target} | {mine[0]:.3f} / {mine[1]:.3f} | {best_sme[1][0]:.3f} ({best_sme[0]}) / "
+              f"{best_lsd[1][1]:.3f} ({best_lsd[0]}) | {'yes' if better else 'no'} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default=",".join(TARGETS))
@@ -207,7 +245,11 @@ def main(argv=None):
     ap.add_argument("--num-samples", type=int, default=4000)
     ap.add_argument("--psis-samples", type=int, default=1000)
     ap.add_argument("--json", default=None, help="append rows to this file (rewritten after every row)")
+    ap.add_argument("--summary", default=None, help="comma-separated JSON files of earlier runs: print seed means and stop")
     a = ap.parse_args(argv)
+    if a.summary:
+        summarize(a.summary.split(","))
+        return
     torch.set_num_threads(1)
     from references import load_reference
 

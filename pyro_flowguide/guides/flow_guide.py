@@ -27,8 +27,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyro.distributions as dist
@@ -284,9 +285,26 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         # Reading self.packed (and self.flow, if it kept parameters of its own)
         # inside the guide's context registers them with the param store.
         self._packed()  # a param store loaded after set-up wins, as for Pyro's own guides
+        if self.__dict__.get("_without_flow"):
+            return [affine_stage(self._packing.bind(self.packed))]
         views = self._bind(self.packed, self._modules["flow"])
         flow = self.flow if self._flow_has_params else self._modules["flow"]
         return _parts_of(flow) + [affine_stage(views)]
+
+    @contextlib.contextmanager
+    def without_flow(self) -> Iterator[AutoFlowGuide]:
+        """Within this context the guide is its affine stage alone.
+
+        That is the Gaussian the guide starts as (the flow starts at the
+        identity), at a fraction of the flow's cost; :func:`~pyro_flowguide.train.gaussian_stage`
+        fits it so.
+        """
+        self.__dict__["_without_flow"] = True
+        try:
+            yield self
+        finally:
+            self.__dict__.pop("_without_flow", None)
+            self.clear_cache()
 
     def _bind(self, flat: Tensor, flow: nn.Module) -> dict[str, Tensor]:
         # Copies with one backward pass for a training call; views otherwise.

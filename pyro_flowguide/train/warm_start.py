@@ -123,7 +123,8 @@ def gaussian_stage(
                 return value.detach()
 
             try:
-                optimizer.step(closure)
+                with guide.without_flow():  # the flow is at the identity: its cost buys nothing here
+                    optimizer.step(closure)
             finally:
                 hook.remove()
                 packed.grad = None
