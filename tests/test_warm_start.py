@@ -36,11 +36,14 @@ def test_the_stage_reaches_a_posterior_pinned_far_from_the_start():
     result = gaussian_stage(linear_regression, guide, (x, y), {})
     assert torch.equal(torch.get_rng_state(), global_state)  # the draws come from a fork
     assert result.accepted and result.after < result.before
-    loc, scale = guide.affine_loc.detach(), guide.affine_scale.detach()
+    loc = guide.affine_loc.detach()
+    # The Gaussian's marginal sds: scale_i times the norm of row i of the unit triangular factor.
+    sd = guide.affine_scale.detach() * guide.affine_unit_tril.detach().norm(dim=-1)
+    assert torch.equal(guide.affine_unit_tril.detach(), torch.eye(3))  # the stage leaves it
     assert torch.allclose(loc[:2], coef, atol=0.02)
     # Posterior sds: about noise / sqrt(n) for the intercept, and about 0.1 for log(sigma).
-    assert 0.5 < float(scale[0]) / (noise / x.numel() ** 0.5) < 1.5
-    assert 0.07 < float(scale[2]) < 0.14
+    assert 0.5 < float(sd[0]) / (noise / x.numel() ** 0.5) < 1.5
+    assert 0.07 < float(sd[2]) < 0.14
 
 
 def test_fit_runs_the_stage_on_a_fresh_guide_only():

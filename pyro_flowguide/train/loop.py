@@ -296,7 +296,7 @@ def fit(
             ``TRAINING_DEFAULTS`` before the first step, when the guide is
             untrained and the fit is not resumed (``AutoFlowGuide``: the
             Gaussian stage of :func:`~pyro_flowguide.train.warm_start.gaussian_stage`,
-            which fits the affine stage's location and scale by L-BFGS; other
+            which fits the affine stage (the Gaussian the guide starts as) by L-BFGS; other
             guides: none; not for a model with enumerated sites). ``False``
             starts from the guide's initial values.
 

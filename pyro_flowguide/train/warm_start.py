@@ -115,7 +115,10 @@ def gaussian_stage(
                 nonlocal evaluations
                 evaluations += 1
                 optimizer.zero_grad()
-                value = objective(seed)
+                try:
+                    value = objective(seed)
+                except ValueError:  # Pyro's validation of a NaN/inf parameter: as a non-finite value
+                    value = torch.tensor(math.nan, dtype=packed.dtype)
                 if not torch.isfinite(value):
                     # Too far: a huge value makes the line search step back.
                     return torch.tensor(1e30, dtype=value.dtype)
