@@ -38,7 +38,7 @@ from ..tracing import max_plate_nesting, trace_model_and_guide
 __all__ = ["GaussianStageResult", "gaussian_stage", "GAUSSIAN_STAGE_DRAWS", "GAUSSIAN_STAGE_ITERATIONS"]
 
 #: Base draws of the sample-average ELBO.
-GAUSSIAN_STAGE_DRAWS = 16
+GAUSSIAN_STAGE_DRAWS = 64
 #: L-BFGS iterations (each may evaluate the ELBO more than once in its line search).
 GAUSSIAN_STAGE_ITERATIONS = 100
 
