@@ -32,13 +32,17 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch import Tensor
 
-__all__ = ["RenyiDReG_ELBO", "DEFAULT_ALPHA", "DEAD_LOG_RATIO"]
+__all__ = ["RenyiDReG_ELBO", "DEFAULT_ALPHA", "DEAD_LOG_RATIO", "ELBO_FALLBACK_ESS"]
 
 #: The order :func:`pyro_flowguide.fit` uses with ``AutoFlowGuide`` (figures in ``benchmarks/RESULTS.md``).
 DEFAULT_ALPHA = 0.5
 
 #: Particles whose scaled log weight is this far below the largest get no gradient.
 DEAD_LOG_RATIO = 60.0
+
+#: Below this effective share of the particles (``1 / sum(w_hat^2)`` over the number of
+#: particles) a step takes the ELBO's path gradient instead (see :class:`RenyiDReG_ELBO`).
+ELBO_FALLBACK_ESS = 0.125
 
 
 class RenyiDReG_ELBO(Trace_ELBO):
@@ -79,7 +83,12 @@ class RenyiDReG_ELBO(Trace_ELBO):
     far in a tail can have a log weight of -1e33 and a gradient that
     overflows, and 0 times inf is NaN. A NaN log weight counts as
     :math:`-\infty` in the bound. If every particle is negligible the step
-    accumulates no gradient.
+    accumulates no gradient. When the weights degenerate (their effective
+    sample size below ``ELBO_FALLBACK_ESS`` of the particles, as on a
+    posterior far tighter or more correlated than the guide) the step takes
+    the ELBO's path gradient instead, every particle weighted alike but those
+    more than ``DEAD_LOG_RATIO`` below the median; ``fallback_steps`` counts
+    those steps.
 
     ``loss`` and ``loss_and_grads`` return :math:`-\mathcal{L}_\alpha`. The guide
     must be reparameterised and give path-only log-densities (see above);
@@ -109,6 +118,7 @@ class RenyiDReG_ELBO(Trace_ELBO):
             strict_enumeration_warning=strict_enumeration_warning,
         )
         self.alpha = float(alpha)
+        self.fallback_steps = 0
 
     # ---------------------------------------------------------------- pieces
     def _log_weights(self, model, guide, args, kwargs) -> tuple[Tensor, set, set, list]:
@@ -159,8 +169,18 @@ class RenyiDReG_ELBO(Trace_ELBO):
             with torch.no_grad():
                 scaled = (1.0 - self.alpha) * _nan_to_neg_inf(lw.detach())
                 w_hat = torch.softmax(scaled, 0)
-                coef = self.alpha * w_hat + (1.0 - self.alpha) * w_hat**2
-                dead = ~(scaled - scaled.max() > -DEAD_LOG_RATIO)
+                if float(1.0 / (w_hat**2).sum()) < ELBO_FALLBACK_ESS * lw.shape[0]:
+                    # Degenerate weights: the ELBO's path gradient, every particle alike but
+                    # those far in a tail (as far below the median as negligible ones below the top).
+                    self.fallback_steps += 1
+                    finite = scaled[torch.isfinite(scaled)]
+                    middle = finite.median() if finite.numel() else scaled.max()
+                    dead = ~(scaled - middle > -DEAD_LOG_RATIO)
+                    w_hat = (~dead).to(w_hat) / (~dead).sum().clamp(min=1)
+                    coef = w_hat
+                else:
+                    coef = self.alpha * w_hat + (1.0 - self.alpha) * w_hat**2
+                    dead = ~(scaled - scaled.max() > -DEAD_LOG_RATIO)
             if bool(dead.any()):
                 if bool(dead.all()):
                     return -self._bound(lw.detach()).item()
