@@ -9,10 +9,11 @@ says what to use for the Gaussian guides' ``loc``, ``scale`` and ``scale_tril``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyro
@@ -292,6 +293,21 @@ class GuideContractMixin:
         """Whether the packed parameter still holds the values it was set up with (not trained, not loaded)."""
         held = self.__dict__.get("_initial_fingerprint")
         return held is not None and held == packed_fingerprint(self._packed())
+
+    @contextlib.contextmanager
+    def without_flow(self) -> Iterator[Any]:
+        """Within this context the guide is its affine stage alone.
+
+        That is the Gaussian the guide starts as (the flow starts at the
+        identity), at a fraction of the flow's cost; :func:`~pyro_flowguide.train.gaussian_stage`
+        fits it so.
+        """
+        self.__dict__["_without_flow"] = True
+        try:
+            yield self
+        finally:
+            self.__dict__.pop("_without_flow", None)
+            self.clear_cache()
 
     # ------------------------------------------------------------ summaries
     @torch.no_grad()

@@ -27,9 +27,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyro.distributions as dist
@@ -290,21 +289,6 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         views = self._bind(self.packed, self._modules["flow"])
         flow = self.flow if self._flow_has_params else self._modules["flow"]
         return _parts_of(flow) + [affine_stage(views)]
-
-    @contextlib.contextmanager
-    def without_flow(self) -> Iterator[AutoFlowGuide]:
-        """Within this context the guide is its affine stage alone.
-
-        That is the Gaussian the guide starts as (the flow starts at the
-        identity), at a fraction of the flow's cost; :func:`~pyro_flowguide.train.gaussian_stage`
-        fits it so.
-        """
-        self.__dict__["_without_flow"] = True
-        try:
-            yield self
-        finally:
-            self.__dict__.pop("_without_flow", None)
-            self.clear_cache()
 
     def _bind(self, flat: Tensor, flow: nn.Module) -> dict[str, Tensor]:
         # Copies with one backward pass for a training call; views otherwise.
