@@ -35,12 +35,17 @@ from pyro.infer import Trace_ELBO
 
 from ..tracing import max_plate_nesting, trace_model_and_guide
 
-__all__ = ["GaussianStageResult", "gaussian_stage", "GAUSSIAN_STAGE_DRAWS", "GAUSSIAN_STAGE_ITERATIONS"]
+__all__ = [
+    "GaussianStageResult", "gaussian_stage", "GAUSSIAN_STAGE_DRAWS", "GAUSSIAN_STAGE_ITERATIONS",
+    "GAUSSIAN_STAGE_ROUNDS",
+]
 
 #: Base draws of the sample-average ELBO.
 GAUSSIAN_STAGE_DRAWS = 64
-#: L-BFGS iterations (each may evaluate the ELBO more than once in its line search).
+#: L-BFGS iterations in all (each may evaluate the ELBO more than once in its line search).
 GAUSSIAN_STAGE_ITERATIONS = 100
+#: Rounds the iterations are split into, each with a fresh curvature history.
+GAUSSIAN_STAGE_ROUNDS = 4
 
 
 @dataclass
@@ -107,12 +112,10 @@ def gaussian_stage(
             with torch.no_grad():
                 before = float(objective(seed + 1))
             hook = packed.register_hook(lambda g: torch.where(keep, g, torch.zeros_like(g)))
-            optimizer = torch.optim.LBFGS(
-                [packed], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe"
-            )
+            best = math.inf
 
             def closure() -> torch.Tensor:
-                nonlocal evaluations
+                nonlocal evaluations, best
                 evaluations += 1
                 optimizer.zero_grad()
                 try:
@@ -123,11 +126,22 @@ def gaussian_stage(
                     # Too far: a huge value makes the line search step back.
                     return torch.tensor(1e30, dtype=value.dtype)
                 value.backward()
+                best = min(best, float(value))
                 return value.detach()
 
             try:
                 with guide.without_flow():  # the flow is at the identity: its cost buys nothing here
-                    optimizer.step(closure)
+                    # Rounds with a fresh curvature history: a line search that met a
+                    # non-finite region can leave L-BFGS stalled with the old one.
+                    for _ in range(GAUSSIAN_STAGE_ROUNDS):
+                        reached = best
+                        optimizer = torch.optim.LBFGS(
+                            [packed], lr=1.0, max_iter=max(iterations // GAUSSIAN_STAGE_ROUNDS, 1),
+                            history_size=20, line_search_fn="strong_wolfe",
+                        )
+                        optimizer.step(closure)
+                        if not best < reached - 1e-4 * (1.0 + abs(best)):
+                            break
             finally:
                 hook.remove()
                 packed.grad = None
