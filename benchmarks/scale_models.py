@@ -24,7 +24,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
-from torch.nn import functional as F
+
+from pyro_flowguide.guides.structured_parts import ar1_scan
 
 SIGMA_Y = 1.0
 K_OBS = 3
@@ -96,19 +97,6 @@ def hier_reference(y: torch.Tensor, n_grid: int = 300) -> dict:
 
 
 # ------------------------------------------------------------------ stochastic volatility
-def ar1_filter(a, z: torch.Tensor) -> torch.Tensor:
-    """``x_t = a x_{t-1} + z_t`` along the last dimension (a parallel scan; ``a`` broadcastable)."""
-    length = z.shape[-1]
-    coef = torch.as_tensor(a, dtype=z.dtype).expand(z.shape).clone()
-    coef[..., 0] = 0.0
-    x, step = z, 1
-    while step < length:
-        x = x + coef * F.pad(x[..., :-step], (step, 0))
-        coef = coef * F.pad(coef[..., :-step], (step, 0))
-        step *= 2
-    return x
-
-
 class AR1(dist.TorchDistribution):
     """Stationary AR(1): ``h_1 ~ N(mu, sigma / sqrt(1 - phi^2))``, ``h_t ~ N(mu + phi (h_{t-1} - mu), sigma)``."""
 
@@ -132,7 +120,7 @@ class AR1(dist.TorchDistribution):
             mu, phi, sigma = (v[..., None] for v in (self.mu, self.phi, self.sigma))
             z = sigma * torch.randn(shape)
             first = z[..., :1] / (1 - phi**2).sqrt().expand(z[..., :1].shape)
-            return mu + ar1_filter(phi.expand(shape), torch.cat([first, z[..., 1:]], -1))
+            return mu + ar1_scan(torch.as_tensor(phi, dtype=z.dtype).expand(shape), torch.cat([first, z[..., 1:]], -1))
 
     def log_prob(self, h):
         mu, phi, sigma = (v[..., None] for v in (self.mu, self.phi, self.sigma))

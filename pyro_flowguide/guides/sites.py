@@ -21,6 +21,7 @@ from ..flows.registry import FlowSpec
 
 __all__ = [
     "GuideSetupError",
+    "check_continuous_unsubsampled",
     "picklable",
     "TraceSignature",
     "bijection",
@@ -55,6 +56,27 @@ def bijection(site: dict) -> Transform:
             "bijection to unconstrained space; reparametrise it (e.g. a covariance "
             "matrix as scales times an LKJCholesky factor) or guide it separately."
         ) from None
+
+
+def check_continuous_unsubsampled(name: str, site: dict, model_name: str, guide: str) -> None:
+    """Raises :class:`GuideSetupError` for a discrete latent site or one inside a subsampled plate."""
+    fn = site["fn"]
+    if fn.support.is_discrete:
+        raise GuideSetupError(
+            f"site {name!r} of model {model_name!r} is discrete ({type(fn).__name__}); {guide} "
+            "covers continuous latents only. Enumerate it out (@config_enumerate with "
+            f"TraceEnum_ELBO) or use AutoGuideList with {guide} on poutine.block(model, "
+            "hide=[...]) and a discrete guide such as AutoDiscreteParallel for this site."
+        )
+    for frame in site["cond_indep_stack"]:
+        if frame.full_size is not None and frame.full_size != frame.size:
+            raise GuideSetupError(
+                f"site {name!r} of model {model_name!r} is inside plate {frame.name!r}, which is "
+                f"subsampled ({frame.size} of {frame.full_size}); {guide} keeps its parameters "
+                "over the whole plate and cannot follow a changing subset of it. Use "
+                f"AutoAmortizedFlowGuide(model, amortized={{{name!r}: ...}}) for local latents, "
+                "or do not subsample."
+            )
 
 
 def picklable(obj: Any) -> bool:
@@ -169,23 +191,7 @@ def check_flow_sites(prototype_trace, model_name: str, refused_support: FlowSpec
         fn = site["fn"]
         if not fn.support.is_discrete:
             bijection(site)
-        if fn.support.is_discrete:
-            raise GuideSetupError(
-                f"site {name!r} of model {model_name!r} is discrete "
-                f"({type(fn).__name__}); AutoFlowGuide covers continuous latents only. "
-                "Enumerate it out (@config_enumerate with TraceEnum_ELBO) or use "
-                "AutoGuideList with AutoFlowGuide on poutine.block(model, hide=[...]) "
-                "and a discrete guide such as AutoDiscreteParallel for this site."
-            )
-        for frame in site["cond_indep_stack"]:
-            if frame.full_size is not None and frame.full_size != frame.size:
-                raise GuideSetupError(
-                    f"site {name!r} is inside plate {frame.name!r}, which is "
-                    f"subsampled ({frame.size} of {frame.full_size}); a global flow "
-                    "cannot follow a changing subset of local latents. Use "
-                    f"AutoAmortizedFlowGuide(model, amortized={{{name!r}: ...}}) for "
-                    "local latents, or do not subsample."
-                )
+        check_continuous_unsubsampled(name, site, model_name, "AutoFlowGuide")
         if refused_support is not None:
             raise GuideSetupError(
                 f"flow {refused_support.name!r} models circular features in "

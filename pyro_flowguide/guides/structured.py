@@ -56,6 +56,7 @@ from .flow_guide import DEFAULT_FLOW, AutoFlowGuide
 from .sites import (
     GuideSetupError,
     bijection,
+    check_continuous_unsubsampled,
     check_model_call,
     check_setup_trace,
     named_setup_errors,
@@ -104,21 +105,7 @@ def read_sites(trace, model_name: str) -> dict[str, SiteInfo]:
     sites = {}
     for name, site in trace.iter_stochastic_nodes():
         fn = site["fn"]
-        if fn.support.is_discrete:
-            raise GuideSetupError(
-                f"site {name!r} of model {model_name!r} is discrete ({type(fn).__name__}); "
-                "AutoStructuredFlowGuide covers continuous latents only. Enumerate it out "
-                "(@config_enumerate with TraceEnum_ELBO), or use AutoGuideList with this guide on "
-                "poutine.block(model, hide=[...]) and a discrete guide such as AutoDiscreteParallel for it."
-            )
-        for frame in site["cond_indep_stack"]:
-            if frame.full_size is not None and frame.full_size != frame.size:
-                raise GuideSetupError(
-                    f"site {name!r} of model {model_name!r} is inside plate {frame.name!r}, which is "
-                    f"subsampled ({frame.size} of {frame.full_size}); AutoStructuredFlowGuide keeps "
-                    "parameters per member of a plate and cannot follow a changing subset. Use "
-                    f"AutoAmortizedFlowGuide(model, amortized={{{name!r}: ...}}) for it, or do not subsample."
-                )
+        check_continuous_unsubsampled(name, site, model_name, "AutoStructuredFlowGuide")
         to_site = bijection(site)
         init = to_site.inv(site["value"]).detach()
         frames = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
