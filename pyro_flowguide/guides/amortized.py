@@ -43,7 +43,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
 from ..tracing import max_plate_nesting
-from .contract import SeededSummaries, store_sync
+from .contract import SeededSummaries, picklable, store_sync
 from .flow_guide import DEFAULT_FLOW, AutoFlowGuide
 from .local import (
     LocalLayer,
@@ -55,7 +55,7 @@ from .local import (
     read_plates,
     subsample_indices,
 )
-from .sites import GuideSetupError, picklable, shapes_of, with_feasible_fallback
+from .sites import GuideSetupError, shapes_of, with_feasible_fallback
 
 #: The conditional flow of each local site. Splines, because a local latent is
 #: often one-dimensional, where an affine flow would be only a Gaussian.

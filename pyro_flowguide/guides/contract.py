@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import pickle
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ from .sites import GuideSetupError
 
 __all__ = [
     "GuideContractMixin", "SeededSummaries", "StoreSync", "gaussian_attribute_error", "rng_devices", "store_sync",
-    "packed_fingerprint", "packed_param_name",
+    "packed_fingerprint", "packed_param_name", "picklable",
 ]
 
 #: What the Gaussian guides' attributes hold there; a flow guide has no closed form for them.
@@ -91,6 +92,15 @@ def packed_param_name(
         ]
     )
     return "packed_" + hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def picklable(obj: Any) -> bool:
+    """Whether ``pickle`` can save ``obj`` (a module-level function can, by name; a lambda cannot)."""
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - any failure means "no"
+        return False
+    return True
 
 
 def packed_fingerprint(packed: Tensor) -> tuple[float, float]:

@@ -41,19 +41,18 @@ from torch.distributions import biject_to
 from ..flows.registry import resolve_flow
 from ..transforms import flow_cache_clearers, flow_transform
 from .centring import CentringTransform, NoncenteredMixin
-from .contract import GuideContractMixin, packed_fingerprint, packed_param_name
+from .contract import GuideContractMixin, packed_fingerprint, packed_param_name, picklable
 from .packing import Packing, fan_in_factor
 from .sizes import check_flow_size
 from .posterior import FlowChain, FlowPosterior, affine_parameters, affine_stage, detached_copy, relink
 from .sites import (
     GuideSetupError,
     check_flow_sites,
-    check_model_call,
+    checked_arg_shapes,
     check_options,
     check_setup_trace,
     named_setup_errors,
     flat_layout,
-    picklable,
     shapes_of,
     with_feasible_fallback,
 )
@@ -333,12 +332,8 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
             return super().forward(*args, **kwargs)
         return self._noncentered_forward(*args, **kwargs)
     def _check_shapes(self, args: tuple, kwargs: dict) -> None:
-        shapes = shapes_of(args, kwargs)
-        if shapes == self._arg_shapes:
-            return
-        # The arguments changed shape: fine if the latent shapes do not.
-        check_model_call(self._signature, self.model, self._model_name, args, kwargs)
-        self._arg_shapes = shapes
+        # New argument shapes are fine if the latent shapes do not change.
+        self._arg_shapes = checked_arg_shapes(self._arg_shapes, self._signature, self.model, self._model_name, args, kwargs)
 
     # ------------------------------------------------------------ summaries
     def clear_cache(self) -> None:

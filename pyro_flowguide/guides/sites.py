@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from ..flows.registry import FlowSpec
 __all__ = [
     "GuideSetupError",
     "check_continuous_unsubsampled",
-    "picklable",
+    "checked_arg_shapes",
     "TraceSignature",
     "bijection",
     "check_context",
@@ -79,13 +78,15 @@ def check_continuous_unsubsampled(name: str, site: dict, model_name: str, guide:
             )
 
 
-def picklable(obj: Any) -> bool:
-    """Whether ``pickle`` can save ``obj`` (a module-level function can, by name; a lambda cannot)."""
-    try:
-        pickle.dumps(obj)
-    except Exception:  # noqa: BLE001 - any failure means "no"
-        return False
-    return True
+def checked_arg_shapes(held: Any, signature: TraceSignature, model, model_name: str, args: tuple, kwargs: dict) -> Any:
+    """The shapes of ``args`` and ``kwargs``; when they differ from ``held``, after checking that the latent shapes did not change.
+
+    See :func:`check_model_call`, which raises if they did.
+    """
+    shapes = shapes_of(args, kwargs)
+    if shapes != held:
+        check_model_call(signature, model, model_name, args, kwargs)
+    return shapes
 
 
 def with_feasible_fallback(init_loc_fn: Callable) -> Callable:

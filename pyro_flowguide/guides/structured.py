@@ -57,7 +57,7 @@ from .sites import (
     GuideSetupError,
     bijection,
     check_continuous_unsubsampled,
-    check_model_call,
+    checked_arg_shapes,
     check_setup_trace,
     named_setup_errors,
     shapes_of,
@@ -287,10 +287,8 @@ class AutoStructuredFlowGuide(AutoGuide):
         return f"the AutoStructuredFlowGuide of model {self._model_name!r}"
 
     def _check_shapes(self, args: tuple, kwargs: dict) -> None:
-        shapes = shapes_of(args, kwargs)
-        if shapes != self._arg_shapes:  # new argument shapes: fine if the latent shapes do not change
-            check_model_call(self._signature, self.model, self._model_name, args, kwargs)
-            self._arg_shapes = shapes
+        # New argument shapes are fine if the latent shapes do not change.
+        self._arg_shapes = checked_arg_shapes(self._arg_shapes, self._signature, self.model, self._model_name, args, kwargs)
 
     # ---------------------------------------------------------------- draws
     def _aux(self, what: str) -> str:

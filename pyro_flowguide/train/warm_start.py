@@ -90,8 +90,7 @@ def gaussian_stage(
     if they are finite and minus the ELBO on fresh draws went down.
     """
     with torch.random.fork_rng(devices=[]):
-        with pyro.poutine.block():
-            guide(*args, **kwargs)  # set up, and register the packed parameter
+        # One trace sets the guide up, registers its packed parameter and gives the plate nesting.
         nesting = max_plate_nesting(*trace_model_and_guide(model, guide, args, kwargs))
         elbo = Trace_ELBO(num_particles=draws, vectorize_particles=draws > 1, max_plate_nesting=nesting)
         packed = pyro.get_param_store()[guide.packed_param_name]
