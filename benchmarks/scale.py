@@ -4,10 +4,12 @@ Models (``benchmarks/scale_models.py``): ``hier``, a hierarchical normal model
 with J = D - 2 groups and known noise (exact reference from a grid), and
 ``sv``, a centred stochastic-volatility model whose D - 3 log-volatilities are
 one vector site (NumPyro NUTS reference, cached in ``benchmarks/.cache/scale/``).
-Guides: ``structured`` (:class:`~pyro_flowguide.guides.AutoStructuredFlowGuide`),
+Guides: ``autoflow`` (:class:`~pyro_flowguide.AutoFlowGuide` with every
+default: its full flow below ``STRUCTURED_MIN_DIM`` latents, the structured
+posterior from there), ``structured`` (:class:`~pyro_flowguide.guides.AutoStructuredFlowGuide`),
 ``autonormal``, ``autolowrank`` (``AutoLowRankMultivariateNormal``), ``autoiaf``
-(``AutoIAFNormal``; a case it cannot run prints its error) and ``autoflow``
-(:class:`~pyro_flowguide.AutoFlowGuide`, only where D <= 200).
+(``AutoIAFNormal``; a case it cannot run prints its error) and ``autoflow_full``
+(``AutoFlowGuide(structure="full")``, only where D <= 200).
 
 Every guide is trained the same way: SVI with ``Trace_ELBO(num_particles=4,
 vectorize_particles=True)`` and ``ClippedAdam`` at lr 1e-2 decayed
@@ -20,9 +22,9 @@ over every coordinate, and PSIS k-hat on ``--khat-draws`` draws.
 
 Usage::
 
-    python benchmarks/scale.py --models hier,sv --D 100,1000 --steps 3000 --guides structured,autonormal,autolowrank
+    python benchmarks/scale.py --models hier,sv --D 100,1000 --steps 3000 --guides autoflow,autonormal,autolowrank
     python benchmarks/scale.py --models hier --D 100 --steps 200 --inline   # all cases in this process
-    python benchmarks/scale.py --worker hier 100 structured --steps 200     # one case, one JSON line
+    python benchmarks/scale.py --worker hier 100 autoflow --steps 200     # one case, one JSON line
 
 Each case runs in a subprocess of its own so that its peak RSS is its own;
 with ``--inline`` they run in this process and peak RSS is the process's
@@ -52,7 +54,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.scale_models import MODELS  # noqa: E402
 
-GUIDES = ("structured", "autonormal", "autolowrank", "autoiaf", "autoflow")
+GUIDES = ("autoflow", "structured", "autonormal", "autolowrank", "autoiaf", "autoflow_full")
 AUTOFLOW_MAX_D = 200
 CACHE = HERE / ".cache" / "scale"
 COLUMNS = [
@@ -78,11 +80,15 @@ def make_guide(name: str, model, D: int):
     if name == "autoiaf":
         return ag.AutoIAFNormal(model)
     if name == "autoflow":
+        from pyro_flowguide import AutoFlowGuide
+
+        return AutoFlowGuide(model)
+    if name == "autoflow_full":
         if D > AUTOFLOW_MAX_D:
             return f"skipped (D > {AUTOFLOW_MAX_D})"
         from pyro_flowguide import AutoFlowGuide
 
-        return AutoFlowGuide(model)
+        return AutoFlowGuide(model, structure="full")
     raise ValueError(f"unknown guide {name!r}; choose from {', '.join(GUIDES)}")
 
 
@@ -179,7 +185,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="hier,sv")
     p.add_argument("--D", default="100,1000", help="comma-separated numbers of latents")
-    p.add_argument("--guides", default="structured,autonormal,autolowrank,autoiaf,autoflow")
+    p.add_argument("--guides", default="autoflow,autonormal,autolowrank,autoiaf")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draws", type=int, default=2000, help="guide draws for the moments (0: no accuracy)")

@@ -213,6 +213,7 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
                 # Non-centred globals would run the model, locals and all, in
                 # every call of the global guide.
                 "noncentered": False,
+                "structure": "full",
             }
             options.update(self._global_options)
             self.global_guide = _GlobalFlowGuide(poutine.block(self.model, hide=list(local_names)), **options)

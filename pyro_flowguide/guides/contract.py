@@ -265,7 +265,8 @@ class GuideContractMixin:
 
     # ------------------------------------------------------ the affine stage
     def _view(self, name: str) -> Tensor | None:
-        return self._packing.bind(self._packed()).get(name)
+        packed = self._packed()  # first: it says why a guide has no packed parameter
+        return self._packing.bind(packed).get(name)
 
     @property
     def affine_loc(self) -> Tensor:

@@ -14,8 +14,9 @@ Normal sites whose prior follows other latents are given to it in
 non-centred coordinates (:mod:`~pyro_flowguide.guides.centring`), the
 gradient sticks the landing (:mod:`~pyro_flowguide.guides.stl`) and the
 affine stage and the flow's networks are views of one flat parameter
-(:mod:`~pyro_flowguide.guides.packing`). The measurements behind these
-defaults are in ``benchmarks/RESULTS.md``.
+(:mod:`~pyro_flowguide.guides.packing`). A model with many latents gets the
+structured posterior instead (:mod:`~pyro_flowguide.guides.dispatch`). The
+measurements behind these defaults are in ``benchmarks/RESULTS.md``.
 
 Example:
     >>> def model():
@@ -39,12 +40,14 @@ from torch import Tensor, nn
 from torch.distributions import biject_to
 
 from ..flows.registry import resolve_flow
-from ..transforms import flow_cache_clearers, flow_transform
-from .centring import CentringTransform, NoncenteredMixin
+from ..transforms import flow_transform
+from .centring import NoncenteredMixin
 from .contract import GuideContractMixin, packed_fingerprint, packed_param_name, picklable
+from .dispatch import StructureDispatch, check_structure
+from .full_flow import FullFlowPosterior
 from .packing import Packing, fan_in_factor
 from .sizes import check_flow_size
-from .posterior import FlowChain, FlowPosterior, affine_parameters, affine_stage, detached_copy, relink
+from .posterior import affine_parameters
 from .sites import (
     GuideSetupError,
     check_flow_sites,
@@ -76,23 +79,7 @@ def _hidden_size(dim: int) -> int:
     return max(64, 4 * dim)
 
 
-def _clear_caches(flow: nn.Module) -> None:
-    """:func:`~pyro_flowguide.transforms.clear_flow_caches` of the guide's flow, its clearers collected once."""
-    clears = flow.__dict__.get("_flow_cache_clearers")
-    if clears is None:  # walking the module tree costs more than the flow's step
-        clears = flow.__dict__["_flow_cache_clearers"] = flow_cache_clearers(flow)
-    for clear in clears:
-        clear()
-
-
-def _parts_of(flow: nn.Module) -> list:
-    """The flow's transforms as a list (a ``ModuleList`` of them, or one transform)."""
-    if isinstance(flow, nn.ModuleList):
-        return list(flow)
-    return [flow]
-
-
-class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
+class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, NoncenteredMixin, AutoContinuous):
     r"""A normalizing-flow posterior over all continuous latent sites of a model.
 
     A drop-in for ``AutoNormal`` / ``AutoMultivariateNormal``: construct it with
@@ -110,7 +97,8 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
             e.g. Pyro's ``T.planar``, ``T.spline_autoregressive``), or ``None``
             for no flow (a full-rank Gaussian). Default: ``DEFAULT_FLOW``.
         init_loc_fn: Per-site initialisation strategy (as for Pyro's autoguides).
-        init_scale: Initial standard deviation of each unconstrained coordinate.
+        init_scale: Initial standard deviation of each unconstrained coordinate;
+            default 1 for the full flow, the structured posterior's own (0.1) for it.
         covariance: ``"full"`` (lower-triangular affine stage) or ``"diagonal"``.
             Default: full when the latent dimension is at most 200.
         hidden_features: Hidden layer sizes of the flow's networks; default
@@ -138,6 +126,14 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
             relative to its size, as it moves the affine stage; ``None``: held
             as they are (the flow's heads then move about ``hidden / 2`` times
             faster than the affine stage).
+        structure: ``"auto"`` (the default): the full flow for fewer than
+            :data:`~pyro_flowguide.guides.dispatch.STRUCTURED_MIN_DIM` latent
+            coordinates, and for any size when one of the full flow's options
+            above is given; from that size the posterior of
+            :class:`~pyro_flowguide.AutoStructuredFlowGuide` (held as
+            :attr:`structured`), whose parameters and cost grow linearly with
+            the latents. ``"full"``: always the full flow; ``"sites"``: always
+            the structured posterior.
         hyper: Further hyper-parameters for the Zuko constructor (e.g. ``bins``).
 
     Example:
@@ -155,16 +151,27 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         flow: Any = DEFAULT_FLOW,
         *,
         init_loc_fn: Callable = init_to_median,
-        init_scale: float = 1.0,
+        init_scale: float | None = None,
         covariance: str | None = None,
         hidden_features: Sequence[int] | None = None,
         transforms: int | None = None,
         estimator: str = "auto",
         noncentered: bool | str | Sequence[str] = "auto",
         network_scale: str | None = "fan_in",
+        structure: str = "auto",
         **hyper: Any,
     ) -> None:
+        self._init_scale_given = init_scale is not None
+        init_scale = 1.0 if init_scale is None else init_scale
         self._noncentered_arg = check_options(noncentered, init_scale, estimator, covariance)
+        defaults = {"flow": DEFAULT_FLOW, "covariance": None, "hidden_features": None, "transforms": None,
+                    "estimator": "auto", "noncentered": "auto", "network_scale": "fan_in"}
+        values = {"flow": flow, "covariance": covariance, "hidden_features": hidden_features, "transforms": transforms,
+                  "estimator": estimator, "noncentered": noncentered, "network_scale": network_scale}
+        given = [k for k, v in values.items() if not (v is defaults[k] or (isinstance(v, str) and v == defaults[k]))]
+        given += list(hyper)
+        check_structure(structure, given)
+        self._structure, self._full_options_given = structure, bool(given)
         if network_scale not in ("fan_in", None):
             raise ValueError(f"network_scale must be 'fan_in' or None, got {network_scale!r}")
         self._network_scale = network_scale
@@ -184,6 +191,7 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         if transforms is not None:
             self._hyper["transforms"] = int(transforms)
         self._model_name = getattr(model, "__name__", type(model).__name__)
+        self._init_loc_fn_arg = (init_loc_fn,)
         super().__init__(model, init_loc_fn=with_feasible_fallback(init_loc_fn))
         # Pyro's self.model runs the model under init_loc_fn's InitMessenger,
         # which computes an initial value for every site it meets (init_to_median
@@ -222,6 +230,8 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         self._unconstrained_shapes, self._cond_indep_stacks = flat_layout(self.prototype_trace, self._model_name)
         self.latent_dim = sum(math.prod(shape) for shape in self._unconstrained_shapes.values())
         self._arg_shapes = shapes_of(args, kwargs)
+        if self._wants_structured(self.latent_dim):
+            return self._setup_structured(args, kwargs)
         self.noncentered_sites = self._choose_noncentered(args, kwargs)
         # Non-centred sites need the model's arguments to map draws to sites;
         # summaries called without them use these.
@@ -253,94 +263,9 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         self.packed = nn.Parameter(self._packing.initial)
         self._initial_fingerprint = packed_fingerprint(self._packing.initial)
 
-    # ------------------------------------------------------------- posterior
-    def get_base_dist(self) -> dist.Distribution:
-        flat = self._parameters["packed"]
-        key = (self.latent_dim, flat.dtype, flat.device)
-        cached = self.__dict__.get("_base_dist")
-        if cached is None or cached[0] != key:
-            # Built once per dtype and device: it holds no parameters.
-            zeros = torch.zeros(self.latent_dim, dtype=flat.dtype, device=flat.device)
-            cached = self.__dict__["_base_dist"] = (key, dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))
-        return cached[1]
-
-    def get_transform(self, *args: Any, **kwargs: Any) -> FlowChain:
-        """The transform from base noise to the flat unconstrained latent of the model's sites.
-
-        The flow, the affine stage and, with :attr:`noncentered_sites`, the map
-        from their non-centred coordinates to the model's (one run of the model
-        at the given arguments, or at the set-up call's), so that it serves
-        Pyro's ``NeuTraReparam``. Its ``parts`` are these transforms.
-        :meth:`get_posterior` is over the coordinates before that last map.
-        """
-        parts = self._transform_parts()
-        if self.noncentered_sites:
-            parts.append(CentringTransform(lambda x, inverse: self._centring(x, args, kwargs, inverse)))
-        return FlowChain(parts)
-
-    def _transform_parts(self) -> list:
-        """The flow's transforms, then the affine stage: base noise to the guide's flat coordinates."""
-        # Reading self.packed (and self.flow, if it kept parameters of its own)
-        # inside the guide's context registers them with the param store.
-        self._packed()  # a param store loaded after set-up wins, as for Pyro's own guides
-        if self.__dict__.get("_without_flow"):
-            return [affine_stage(self._packing.bind(self.packed))]
-        views = self._bind(self.packed, self._modules["flow"])
-        flow = self.flow if self._flow_has_params else self._modules["flow"]
-        return _parts_of(flow) + [affine_stage(views)]
-
-    def _bind(self, flat: Tensor, flow: nn.Module) -> dict[str, Tensor]:
-        # Copies with one backward pass for a training call; views otherwise.
-        views = self._packing.bind_for_grad(flat, flow)
-        if self._packing.module_slots:
-            _clear_caches(flow)  # new parameter views: cached values belong to the old ones
-        return views
-
-    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.Distribution:
-        """The posterior over the flat latent vector (event shape ``(D,)``).
-
-        Its coordinates are each site's unconstrained values, non-centred
-        (:math:`(z - m) / s`) for :attr:`noncentered_sites`.
-
-        Its ``rsample_and_log_prob`` draws and scores in one pass; ``log_prob``
-        of other values inverts the flow.
-        """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        detached = self._detached_parts if self.estimator == "stl" else None
-        return FlowPosterior(self.get_base_dist(), self._transform_parts(), detached)
-
-    def _detached_parts(self) -> list:
-        """Copies of the transforms whose parameters share storage but carry no gradient."""
-        flow = self._modules["flow"]
-        packed = self._packed()
-        flat = packed.detach()
-        shadow = self.__dict__.get("_shadow_flow")
-        if shadow is None:
-            self.clear_cache()
-            shadow = self.__dict__["_shadow_flow"] = detached_copy(flow, self._packing, packed)
-        relink(shadow, flow)
-        views = self._bind(flat, shadow)
-        return _parts_of(shadow) + [affine_stage(views)]
-
-    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        else:
-            self._check_shapes(args, kwargs)
-        if not self.noncentered_sites:
-            return super().forward(*args, **kwargs)
-        return self._noncentered_forward(*args, **kwargs)
     def _check_shapes(self, args: tuple, kwargs: dict) -> None:
         # New argument shapes are fine if the latent shapes do not change.
-        self._arg_shapes = checked_arg_shapes(self._arg_shapes, self._signature, self.model, self._model_name, args, kwargs)
-
-    # ------------------------------------------------------------ summaries
-    def clear_cache(self) -> None:
-        """Drops cached flow values and the graphs they hold."""
-        flow = self._modules.get("flow")
-        if flow is not None:
-            _clear_caches(flow)
+        self._arg_shapes = checked_arg_shapes(self._arg_shapes, self._signature, self, self._model_name, args, kwargs)
 
     def __getstate__(self) -> dict:
         # Bound views and cached values carry a graph, which deepcopy and pickle
@@ -360,27 +285,6 @@ class AutoFlowGuide(GuideContractMixin, NoncenteredMixin, AutoContinuous):
         finally:
             self._model, self._bare_model, self.master = links
         return state
-
-    def _constrained(self, latent: Tensor) -> dict[str, Tensor]:
-        """Maps a batch ``(N, D)`` of flat latents to constrained site values ``(N, *shape)``."""
-        n = latent.shape[0]
-        return {
-            site["name"]: biject_to(site["fn"].support)(value).reshape(
-                (n,) + site["value"].shape
-            )
-            for site, value in self._unpack_batch(latent)
-        }
-
-    @torch.no_grad()
-    def sample_posterior(self, num_samples: int, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """Draws ``num_samples`` posterior samples of every latent site, in constrained space.
-
-        Returns a dict mapping site names to tensors of shape
-        ``(num_samples,) + site shape``.
-        """
-        latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
-        self.clear_cache()
-        return self._constrained(self._centered_latent(latent, args, kwargs))
 
     def _loc_scale(self, *args: Any, **kwargs: Any):
         raise NotImplementedError(

@@ -78,14 +78,15 @@ def check_continuous_unsubsampled(name: str, site: dict, model_name: str, guide:
             )
 
 
-def checked_arg_shapes(held: Any, signature: TraceSignature, model, model_name: str, args: tuple, kwargs: dict) -> Any:
+def checked_arg_shapes(held: Any, signature: TraceSignature, guide, model_name: str, args: tuple, kwargs: dict) -> Any:
     """The shapes of ``args`` and ``kwargs``; when they differ from ``held``, after checking that the latent shapes did not change.
 
-    See :func:`check_model_call`, which raises if they did.
+    See :func:`check_model_call`, which raises if they did; ``guide.model`` is
+    read only then (a guide loaded from a pickle has none).
     """
     shapes = shapes_of(args, kwargs)
     if shapes != held:
-        check_model_call(signature, model, model_name, args, kwargs)
+        check_model_call(signature, guide.model, model_name, args, kwargs)
     return shapes
 
 

@@ -225,6 +225,7 @@ class AutoStructuredFlowGuide(AutoGuide):
             resolve_flow(global_flow)  # unknown names fail here, before any tracing
         # Built now so that bad options fail here; used only for a model with globals only.
         scale = {} if init_scale is None else {"init_scale": init_scale}
+        flow_options.setdefault("structure", "full")
         self._delegate_arg = (AutoFlowGuide(model, flow, init_loc_fn=init_loc_fn, **scale, **flow_options),)
         self._init_scale = DEFAULT_INIT_SCALE if init_scale is None else float(init_scale)
         self._hidden = hidden
@@ -288,7 +289,7 @@ class AutoStructuredFlowGuide(AutoGuide):
 
     def _check_shapes(self, args: tuple, kwargs: dict) -> None:
         # New argument shapes are fine if the latent shapes do not change.
-        self._arg_shapes = checked_arg_shapes(self._arg_shapes, self._signature, self.model, self._model_name, args, kwargs)
+        self._arg_shapes = checked_arg_shapes(self._arg_shapes, self._signature, self, self._model_name, args, kwargs)
 
     # ---------------------------------------------------------------- draws
     def _aux(self, what: str) -> str:
@@ -430,3 +431,12 @@ class AutoStructuredFlowGuide(AutoGuide):
     def clear_cache(self) -> None:
         """Drops cached flow values and the graphs they hold (a flow over the globals only)."""
         clear_flow_caches(self)
+
+    def __getstate__(self) -> dict:
+        # Pyro's __getstate__ drops the model and master links from the guide
+        # itself, not only from the copy: the copy leaves them out, the guide keeps them.
+        links = self._model, self.master
+        try:
+            return dict(super().__getstate__())
+        finally:
+            self._model, self.master = links
