@@ -103,7 +103,8 @@ def check_flow_size(flow: Any, dim: int, hyper: dict) -> FlowSize | None:
     masked = size.build_flops > 0
     advice = (
         "for a model whose latents sit in plates or in long vectors (a chain), use "
-        "AutoStructuredFlowGuide(model), whose size grows linearly with the latents; otherwise "
+        "AutoFlowGuide(model) without the full flow's options (or structure='sites'), whose "
+        "structured posterior grows linearly with the latents; otherwise "
         "choose flow=None (a Gaussian guide), "
         + ("a coupling flow such as flow='RealNVP', " if masked else "")
         + "or a smaller hidden_features, e.g. (64, 64)"
@@ -112,7 +113,7 @@ def check_flow_size(flow: Any, dim: int, hyper: dict) -> FlowSize | None:
         raise GuideSetupError(
             f"building the masks of the {what} takes about {size.build_flops:.1e} operations (they grow as "
             f"the cube of the latent size), minutes of set-up before the first step; use "
-            "AutoStructuredFlowGuide(model) for plated or chain latents, or choose flow=None (a "
+            "AutoFlowGuide(model, structure='sites') for plated or chain latents, or choose flow=None (a "
             "Gaussian guide) or a coupling flow such as flow='RealNVP', which have no such masks "
             "(or raise pyro_flowguide.guides.sizes.MAX_BUILD_FLOPS to build it anyway)"
         )
