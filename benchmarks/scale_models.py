@@ -76,7 +76,8 @@ def hier_reference(y: torch.Tensor, n_grid: int = 300) -> dict:
     grids = [torch.linspace(x[i].item() - 10 * sd[i].item(), x[i].item() + 10 * sd[i].item(), n_grid,
                             dtype=torch.double) for i in range(2)]
     mu, log_tau = torch.meshgrid(*grids, indexing="ij")
-    lp = torch.cat([log_density(mu[i : i + 20], log_tau[i : i + 20]) for i in range(0, n_grid, 20)])
+    rows = max(1, min(20, int(2e7 // (n_grid * y.shape[0]))))  # grid rows per pass: about 160 MB of doubles
+    lp = torch.cat([log_density(mu[i : i + rows], log_tau[i : i + rows]) for i in range(0, n_grid, rows)])
     w = (lp - lp.max()).exp().reshape(-1)
     w = w / w.sum()
     mu, tau2 = mu.reshape(-1), log_tau.reshape(-1).exp() ** 2

@@ -74,7 +74,7 @@ class SharedAffine(PyroModule):
 
     The input is the globals' draw ``g_r`` and the member's embedding ``e_i``;
     the first layer is applied to each separately (``W [g, e] = W_g g + W_e e``),
-    so it costs ``R + N`` rows, not ``R N``. Two hidden layers of width
+    so it costs ``R + N`` rows, not ``R N``. One hidden layer of width
     ``hidden`` (SiLU), a zeroed output layer (``t = s = 0`` at initialisation),
     ``s`` bounded by :data:`LOG_SCALE_BOUND`.
 
@@ -82,7 +82,7 @@ class SharedAffine(PyroModule):
         glob: Size of the globals' draw.
         member: Size of each member's embedding.
         event: Coordinates per member.
-        hidden: Width of the hidden layers.
+        hidden: Width of the hidden layer.
     """
 
     def __init__(self, glob: int, member: int, event: int, hidden: int) -> None:
@@ -92,16 +92,12 @@ class SharedAffine(PyroModule):
         self.w_glob = nn.Parameter(first.weight.detach()[:, :glob].clone())
         self.w_member = nn.Parameter(first.weight.detach()[:, glob:].clone())
         self.b_in = nn.Parameter(first.bias.detach().clone())
-        middle = nn.Linear(hidden, hidden)
-        self.w_hidden = nn.Parameter(middle.weight.detach().clone())
-        self.b_hidden = nn.Parameter(middle.bias.detach().clone())
         self.w_out = nn.Parameter(torch.zeros(2 * event, hidden))
         self.b_out = nn.Parameter(torch.zeros(2 * event))
 
     def forward(self, member: Tensor, glob: Tensor) -> tuple[Tensor, Tensor]:
         """``member (N, C)``, ``glob (R, G)`` -> shift ``t`` and log-scale ``s``, each ``(R, N, E)``."""
         h = F.linear(member, self.w_member, self.b_in) + F.linear(glob, self.w_glob).unsqueeze(-2)
-        h = F.linear(F.silu(h), self.w_hidden, self.b_hidden)
         out = F.linear(F.silu(h), self.w_out, self.b_out)
         t, s = out[..., : self.event], out[..., self.event :]
         return t, LOG_SCALE_BOUND * torch.tanh(s / LOG_SCALE_BOUND)
