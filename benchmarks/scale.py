@@ -14,7 +14,8 @@ posterior from there), ``structured`` (:class:`~pyro_flowguide.guides.AutoStruct
 Every guide is trained the same way: SVI with ``Trace_ELBO(num_particles=4,
 vectorize_particles=True)`` and ``ClippedAdam`` at lr 1e-2 decayed
 geometrically to 1e-3 over ``--steps`` (clip 10), one torch thread;
-``--particles 32 --final-lr 3e-4`` is the budget ``fit`` gives ``AutoFlowGuide``. Columns:
+``--particles 32 --final-lr 3e-4`` is the budget ``fit`` gives ``AutoFlowGuide``;
+``--trainer fit`` trains each guide with ``pfg.fit`` and every default instead. Columns:
 parameters, median ms/step, peak RSS at the end of the fit (before
 scoring), the whole fit's seconds, and on
 ``--draws`` guide draws the largest standardised mean error
@@ -111,7 +112,7 @@ def guide_moments(guide, data, names: list[str], num: int, mpn: int, D: int) -> 
 
 def run_case(model_name: str, D: int, guide_name: str, steps: int, seed: int = 0, draws: int = 2000,
              khat_draws: int = 1000, nuts: tuple[int, int] = (3000, 1000), particles: int = 4,
-             final_lr: float = 1e-3) -> dict:
+             final_lr: float = 1e-3, trainer: str = "svi") -> dict:
     """Trains one guide on one model at ``D`` latents and scores it; returns one row."""
     import pyro_flowguide as pfg
     from pyro_flowguide.train import default_optim
@@ -131,7 +132,11 @@ def run_case(model_name: str, D: int, guide_name: str, steps: int, seed: int = 0
     times, losses, clears = [], [], None
     start = time.perf_counter()
     try:
-        for _ in range(steps):
+        if trainer == "fit":  # every default of fit; ms/step is the whole fit's mean
+            row.update(particles=None, final_lr=None)
+            losses = list(pfg.fit(model, guide, data, steps=steps, progress=False, seed=seed).losses)
+            times = [(time.perf_counter() - start) / max(1, steps)] * steps
+        for _ in range(steps if trainer == "svi" else 0):
             t0 = time.perf_counter()
             losses.append(svi.step(data))
             clears = flow_cache_clearers(guide) if clears is None else clears
@@ -175,7 +180,7 @@ def _subprocess_case(args, model: str, D: int, guide: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model, str(D), guide, "--steps",
            str(args.steps), "--seed", str(args.seed), "--draws", str(args.draws), "--khat-draws",
            str(args.khat_draws), "--nuts", args.nuts, "--particles", str(args.particles),
-           "--final-lr", str(args.final_lr)]
+           "--final-lr", str(args.final_lr), "--trainer", args.trainer]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if lines:
@@ -196,6 +201,8 @@ def main(argv=None) -> None:
     p.add_argument("--nuts", default="3000,1000", help="draws,warm-up per chain of the sv reference")
     p.add_argument("--particles", type=int, default=4, help="vectorised particles of Trace_ELBO")
     p.add_argument("--final-lr", type=float, default=1e-3, help="where the learning rate decays to")
+    p.add_argument("--trainer", choices=("svi", "fit"), default="svi",
+                   help="fit: pfg.fit with every default instead (--particles and --final-lr unused)")
     p.add_argument("--inline", action="store_true", help="run every case in this process")
     p.add_argument("--out", default="", help="append one JSON line per case to this file")
     p.add_argument("--worker", nargs=3, metavar=("MODEL", "D", "GUIDE"), help="run one case, print it as JSON")
@@ -204,7 +211,7 @@ def main(argv=None) -> None:
     if args.worker:
         model, D, guide = args.worker
         print(json.dumps(run_case(model, int(D), guide, args.steps, args.seed, args.draws, args.khat_draws, nuts,
-                                  args.particles, args.final_lr)))
+                                  args.particles, args.final_lr, args.trainer)))
         return
     print("| " + " | ".join(title for _, title in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
@@ -213,7 +220,7 @@ def main(argv=None) -> None:
             for guide in args.guides.split(","):
                 if args.inline:
                     row = run_case(model, D, guide, args.steps, args.seed, args.draws, args.khat_draws, nuts,
-                                   args.particles, args.final_lr)
+                                   args.particles, args.final_lr, args.trainer)
                 else:
                     row = _subprocess_case(args, model, D, guide)
                 print(format_row(row), flush=True)

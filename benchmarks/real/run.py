@@ -21,6 +21,7 @@ samples in constrained space and compare them with the cached reference
     python benchmarks/real/run.py --steps 3000 --seeds 0,1,2 --json benchmarks/.cache/real/run.json
     python benchmarks/real/run.py --targets stoch_vol --guides autonormal,autoflow --lr 0.01 --steps 3000
     python benchmarks/real/run.py --summary run_autoflow.json,run_anchors.json   # seed means, default vs best anchor
+    python benchmarks/real/run.py --targets baseball --guides 'autoflow:{"estimator": "reparam"}' --lr 0.1 --steps 500
 """
 from __future__ import annotations
 
@@ -54,11 +55,12 @@ def make_guide(name, model):
         return ag.AutoLowRankMultivariateNormal(model)
     if name == "autoiaf":
         return ag.AutoIAFNormal(model)
-    if name == "autoflow":
+    if name == "autoflow" or name.startswith("autoflow:"):
         import pyro_flowguide as pfg
 
-        return pfg.AutoFlowGuide(model)
-    raise ValueError(f"unknown guide {name!r}; choose from {GUIDES}")
+        options = json.loads(name[len("autoflow:"):]) if ":" in name else {}
+        return pfg.AutoFlowGuide(model, **options)
+    raise ValueError(f"unknown guide {name!r}; choose from {GUIDES} or autoflow:{{json options}}")
 
 
 def draw(guide, args, num):
