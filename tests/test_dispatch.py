@@ -128,3 +128,21 @@ def test_the_structured_default_fits_a_gaussian_hierarchy_to_its_closed_form():
     ratio = flat.std(0) / sd
     assert error.max() < 0.15, error.max()
     assert 0.85 < ratio.min() and ratio.max() < 1.15, (ratio.min(), ratio.max())
+
+
+
+def test_a_model_the_structured_posterior_cannot_read_is_told_about_the_full_flow(monkeypatch):
+    from pyro_flowguide.guides import structured
+
+    def refuse(trace, model_name):
+        raise pfg.GuideSetupError(f"site 'theta' of model {model_name!r}: refused for the test")
+
+    monkeypatch.setattr(structured, "read_sites", refuse)
+    pyro.clear_param_store()
+    guide = pfg.AutoFlowGuide(group_model)
+    for _ in range(2):  # and again: no half-built guide
+        with pytest.raises(pfg.GuideSetupError, match="refused for the test.*structure='full'"):
+            guide(data(J_LARGE))
+    assert guide.structured is None
+    full = pfg.AutoFlowGuide(group_model, structure="full")
+    assert full(data(J_LARGE))["theta"].shape == (J_LARGE,)

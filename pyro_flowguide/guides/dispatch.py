@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .sites import GuideSetupError
+
 __all__ = ["FULL_FLOW_OPTIONS", "STRUCTURED_MIN_DIM", "STRUCTURES", "StructureDispatch", "check_structure"]
 
 #: The values of ``AutoFlowGuide(structure=...)``.
@@ -68,8 +70,19 @@ class StructureDispatch:
         scale = self._init_scale if self._init_scale_given else None
         inner = AutoStructuredFlowGuide(self._bare_model[0], init_loc_fn=self._init_loc_fn_arg[0], init_scale=scale)
         self.structured_posterior = inner  # a child first: its parameters are named under this guide
-        with self._pyro_context:  # names are defined within a call of the guide
-            inner._setup_prototype(*args, **kwargs)
+        try:
+            with self._pyro_context:  # names are defined within a call of the guide
+                inner._setup_prototype(*args, **kwargs)
+        except GuideSetupError as e:
+            del self._modules["structured_posterior"]
+            self.prototype_trace = None  # the next call sets up again and says the same
+            if self._structure != "auto":
+                raise
+            raise GuideSetupError(
+                f"{e} (AutoFlowGuide builds the structured posterior for {self.latent_dim} latent "
+                f"coordinates; AutoFlowGuide(model, structure='full') builds one flow over all of "
+                "them instead, at a cost that grows with the square of their number.)"
+            ) from None
         self.estimator = "reparam"
         self.noncentered_sites = ()
         self._setup_call = ((), {})
@@ -117,11 +130,13 @@ class StructureDispatch:
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
 
     def get_posterior(self, *args: Any, **kwargs: Any):
+        """The full flow's posterior over the flat latent (see :class:`~pyro_flowguide.guides.full_flow.FullFlowPosterior`)."""
         if self._set_up(args, kwargs) is not None:
             raise self._no_flat_posterior("get_posterior")
         return super().get_posterior(*args, **kwargs)
 
     def get_transform(self, *args: Any, **kwargs: Any):
+        """The full flow's map from base noise to the flat latent (what ``NeuTraReparam`` uses)."""
         if self._set_up(args, kwargs) is not None:
             raise self._no_flat_posterior("get_transform")
         return super().get_transform(*args, **kwargs)
@@ -132,5 +147,6 @@ class StructureDispatch:
         return super()._packed()
 
     def clear_cache(self) -> None:
+        """Drops cached flow values and the graphs they hold."""
         inner = self.structured
         return super().clear_cache() if inner is None else inner.clear_cache()
