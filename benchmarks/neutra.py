@@ -59,7 +59,10 @@ def sample(target, guide, chains: int, warmup: int, samples: int) -> tuple[np.nd
             reparam_model = poutine.reparam(model, config=lambda _: neutra)
             got, div, sec = run_chain(reparam_model, chain, warmup, samples)
             first = next(name for name, _ in guide.prototype_trace.iter_stochastic_nodes())
-            got = neutra.transform_sample(got[f"{first}_shared_latent"])
+            latent = got[f"{first}_shared_latent"]
+            # The draws' batch dim goes left of the model's plates, as transform_sample asks.
+            nesting = max((-f.dim for f in guide._prototype_frames.values()), default=0)
+            got = neutra.transform_sample(latent.reshape(latent.shape[:1] + (1,) * nesting + latent.shape[-1:]))
         draws.append(target.flatten({k: v.detach() for k, v in got.items()}, samples))
         divergences += div
         seconds += sec
