@@ -32,12 +32,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
-from torch import Tensor, nn
-from torch.distributions import biject_to
+from torch import nn
 
 from ..flows.registry import resolve_flow
 from ..transforms import flow_transform
@@ -167,7 +165,7 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
         defaults = {"flow": DEFAULT_FLOW, "covariance": None, "hidden_features": None, "transforms": None,
                     "estimator": "auto", "noncentered": "auto", "network_scale": "fan_in"}
         values = {"flow": flow, "covariance": covariance, "hidden_features": hidden_features, "transforms": transforms,
-                  "estimator": estimator, "noncentered": noncentered, "network_scale": network_scale}
+                  "estimator": estimator, "noncentered": self._noncentered_arg, "network_scale": network_scale}
         given = [k for k, v in values.items() if not (v is defaults[k] or (isinstance(v, str) and v == defaults[k]))]
         given += list(hyper)
         check_structure(structure, given)
