@@ -1,13 +1,15 @@
 r"""How guides scale with the number of latents D: cost and accuracy on two models of known posterior.
 
-Models (``benchmarks/scale_models.py``): ``hier``, a hierarchical normal model
+Models (``benchmarks/scale_models.py``; ``linreg``, a regression on correlated
+predictors with an exact reference, as well): ``hier``, a hierarchical normal model
 with J = D - 2 groups and known noise (exact reference from a grid), and
 ``sv``, a centred stochastic-volatility model whose D - 3 log-volatilities are
 one vector site (NumPyro NUTS reference, cached in ``benchmarks/.cache/scale/``).
 Guides: ``autoflow`` (:class:`~pyro_flowguide.AutoFlowGuide` with every
 default: its full flow below ``STRUCTURED_MIN_DIM`` latents, the structured
 posterior from there), ``structured`` (:class:`~pyro_flowguide.guides.AutoStructuredFlowGuide`),
-``autonormal``, ``autolowrank`` (``AutoLowRankMultivariateNormal``), ``autoiaf``
+``autonormal``, ``autolowrank`` (``AutoLowRankMultivariateNormal``), ``automvn``
+(``AutoMultivariateNormal``), ``autoiaf``
 (``AutoIAFNormal``; a case it cannot run prints its error) and ``autoflow_full``
 (``AutoFlowGuide(structure="full")``, only where D <= 200).
 
@@ -56,7 +58,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.scale_models import MODELS  # noqa: E402
 
-GUIDES = ("autoflow", "structured", "autonormal", "autolowrank", "autoiaf", "autoflow_full")
+GUIDES = ("autoflow", "structured", "autonormal", "autolowrank", "automvn", "autoiaf", "autoflow_full")
 AUTOFLOW_MAX_D = 200
 CACHE = HERE / ".cache" / "scale"
 COLUMNS = [
@@ -79,6 +81,8 @@ def make_guide(name: str, model, D: int):
         return ag.AutoNormal(model)
     if name == "autolowrank":
         return ag.AutoLowRankMultivariateNormal(model)
+    if name == "automvn":
+        return ag.AutoMultivariateNormal(model)
     if name == "autoiaf":
         return ag.AutoIAFNormal(model)
     if name == "autoflow":

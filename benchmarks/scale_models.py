@@ -9,6 +9,10 @@
   ``(phi + 1) / 2 ~ Beta(20, 1.5)``, ``sigma ~ HalfNormal(0.5)``, the
   ``T = D - 3`` log-volatilities ``h ~ AR1(mu, phi, sigma)`` as ONE vector site,
   ``y_t ~ N(0, exp(h_t / 2))``. Reference: NumPyro NUTS, cached.
+* ``linreg``: a linear regression of 500 rows on ``D`` predictors that share
+  one factor (pairwise correlation 0.81), coefficients ``w ~ N(0, 1)`` as ONE
+  vector site, known noise 1: no plate and no global, a posterior with strong
+  correlations between the coefficients. Reference: exact (Gaussian).
 
 Each reference is ``{"names": [...], "mean": (D,), "sd": (D,)}`` over the
 constrained latents in the model's flat order (sites in trace order, each
@@ -198,9 +202,34 @@ def sv_reference(y: torch.Tensor, seed: int, cache_dir: str, nuts: tuple[int, in
     return ref
 
 
+# ------------------------------------------------------------------ correlated regression
+def linreg_data(predictors: int, seed: int = 0, rows: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, y)``: predictors of pairwise correlation 0.81 and ``y = X w + noise``."""
+    gen = torch.Generator().manual_seed(seed)
+    factor = torch.randn(rows, 1, generator=gen)
+    X = 0.9 * factor + math.sqrt(1 - 0.81) * torch.randn(rows, predictors, generator=gen)
+    w = 0.5 * torch.randn(predictors, generator=gen)
+    return X, X @ w + torch.randn(rows, generator=gen)
+
+
+def linreg_model(data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    X, y = data
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(w @ X.T, 1.0).to_event(1), obs=y)
+
+
+def linreg_reference(data: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """The exact posterior's means and sds: precision ``I + X^T X``."""
+    X, y = (t.double() for t in data)
+    cov = torch.linalg.inv(torch.eye(X.shape[1], dtype=X.dtype) + X.T @ X)
+    return {"names": ["w"], "mean": cov @ (X.T @ y), "sd": cov.diagonal().sqrt()}
+
+
 #: name -> (model, data for D latents and a seed, max plate nesting, site names, reference(data, seed, cache)).
 MODELS = {
     "hier": (hier_model, lambda D, seed: hier_data(D - 2, seed), 2, ["mu", "tau", "theta"],
              lambda y, seed, cache: hier_reference(y)),
     "sv": (sv_model, lambda D, seed: sv_data(D - 3, seed), 0, ["mu", "phi01", "sigma", "h"], sv_reference),
+    "linreg": (linreg_model, lambda D, seed: linreg_data(D, seed), 0, ["w"],
+               lambda data, seed, cache: linreg_reference(data)),
 }
