@@ -25,6 +25,7 @@ from .posterior import forward_with_ladj
 
 __all__ = [
     "LOG_SCALE_BOUND",
+    "MAX_DENSE_CHAIN",
     "MAX_TRIL_EVENT",
     "GlobalStage",
     "SharedAffine",
@@ -37,6 +38,10 @@ LOG_SCALE_BOUND = 3.0
 
 #: Members of at most this many unconstrained coordinates get a unit lower-triangular factor of their own.
 MAX_TRIL_EVENT = 16
+
+#: A chain of at most this many elements also gets a dense unit lower-triangular factor over them
+#: (at most about 100,000 parameters: the fixed part of the size budget).
+MAX_DENSE_CHAIN = 447
 
 
 def ar1_scan(a: Tensor, z: Tensor) -> Tensor:
@@ -151,7 +156,10 @@ class SiteStage(PyroModule):
     ``1 < E <=`` :data:`MAX_TRIL_EVENT`) and :math:`B_i` a linear coupling to the
     globals. A chain (``kind="chain"``, ``E = 1``) filters :math:`z` along its
     members first: :math:`x_t = a_t x_{t-1} + z_t` (:math:`a_t = \tanh \alpha_t`),
-    then :math:`z_t \leftarrow x_t + b_t x_{t-1}`. Every map but the two
+    then :math:`z_t \leftarrow x_t + b_t x_{t-1}`, and a chain of at most
+    :data:`MAX_DENSE_CHAIN` elements is then multiplied by a dense unit
+    lower-triangular factor (any correlation between its elements, as a
+    vector of regression coefficients has). Every map but the two
     scalings has a unit-triangular Jacobian, so
     :math:`\log|\det| = \sum \log\sigma_i + \sum s_i`. Without globals there
     is no network and no coupling (:math:`t = s = 0`).
@@ -184,6 +192,11 @@ class SiteStage(PyroModule):
         if kind == "chain":
             self.ar = nn.Parameter(init.new_zeros(members * event))
             self.ma = nn.Parameter(init.new_zeros(members * event))
+        self.dense = kind == "chain" and 1 < members * event <= MAX_DENSE_CHAIN
+        if self.dense:
+            size = members * event
+            self.chain_tril = nn.Parameter(init.new_zeros(size * (size - 1) // 2))
+            self.register_buffer("chain_index", torch.tril_indices(size, size, -1), persistent=False)
         if glob:
             self.coupling = nn.Parameter(init.new_zeros(members * event, glob))
             spread = (init - init.mean(0)) / (init.std(0) + 1e-6) if members > 1 else torch.zeros_like(init)
@@ -202,7 +215,10 @@ class SiteStage(PyroModule):
         if self.kind == "chain":
             flat = z.reshape(z.shape[0], self.members * self.event)
             x = ar1_scan(torch.tanh(self.ar), flat)
-            z = (x + self.ma * F.pad(x[..., :-1], (1, 0))).reshape(z.shape)
+            x = x + self.ma * F.pad(x[..., :-1], (1, 0))
+            if self.dense:
+                x = x + x @ _strict_tril(self.chain_tril, self.chain_index, x.shape[-1]).mT
+            z = x.reshape(z.shape)
         u = self.loc + log_scale.exp() * z
         if self.glob:
             u = u + shift + (glob @ self.coupling.T).reshape(u.shape)
