@@ -146,3 +146,31 @@ def test_a_model_the_structured_posterior_cannot_read_is_told_about_the_full_flo
     assert guide.structured is None
     full = pfg.AutoFlowGuide(group_model, structure="full")
     assert full(data(J_LARGE))["theta"].shape == (J_LARGE,)
+
+
+def regression_model(X, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(w @ X.T, 1.0).to_event(1), obs=y)
+
+
+@pytest.mark.slow
+def test_a_vector_of_correlated_coefficients_keeps_its_correlations():
+    # One vector site of 120 coefficients, no plate, no global: a chain of the
+    # structured posterior, whose dense factor carries the correlations.
+    g = torch.Generator().manual_seed(0)
+    factor = torch.randn(300, 1, generator=g)
+    X = 0.9 * factor + 0.436 * torch.randn(300, 120, generator=g)
+    y = X @ (0.5 * torch.randn(120, generator=g)) + torch.randn(300, generator=g)
+    cov = torch.linalg.inv(torch.eye(120, dtype=torch.float64) + X.T.double() @ X.double())
+    mean, sd = cov @ (X.T.double() @ y.double()), cov.diagonal().sqrt()
+    pyro.clear_param_store()
+    guide = pfg.AutoFlowGuide(regression_model)
+    pfg.fit(regression_model, guide, X, y, steps=1500, progress=False, seed=0)
+    assert guide.structured is not None
+    torch.manual_seed(0)
+    w = guide.sample_posterior(4000, X, y)["w"].double()
+    assert ((w.mean(0) - mean) / sd).abs().max() < 0.3
+    ratio = w.std(0) / sd
+    assert 0.6 < ratio.min() and ratio.max() < 1.2, (ratio.min(), ratio.max())
+    # The sum of the coefficients: the posterior's most correlated direction.
+    assert 0.8 < float(w.sum(-1).std() / cov.sum().sqrt()) < 1.25
