@@ -89,6 +89,8 @@ def test_the_structured_default_has_no_flat_posterior_and_says_what_to_build():
         with pytest.raises(NotImplementedError, match="structure='full'"):
             method(y)
     with pytest.raises(NotImplementedError, match="structure='full'"):
+        guide.get_base_dist()
+    with pytest.raises(NotImplementedError, match="structure='full'"):
         guide.affine_loc
 
 

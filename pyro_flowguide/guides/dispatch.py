@@ -141,6 +141,12 @@ class StructureDispatch:
             raise self._no_flat_posterior("get_transform")
         return super().get_transform(*args, **kwargs)
 
+    def get_base_dist(self):
+        """The full flow's base distribution, a standard normal over the flat latent."""
+        if self.structured is not None:
+            raise self._no_flat_posterior("get_base_dist")
+        return super().get_base_dist()
+
     def _packed(self) -> Tensor:
         if self.structured is not None:
             raise self._no_flat_posterior("the packed parameter and the affine stage")
