@@ -197,7 +197,8 @@ class Packing:
         if not (flat.requires_grad and torch.is_grad_enabled()):
             return self.bind(flat, module)
         sizes, piece_at = self._layout()
-        pieces = _Unpack.apply(flat, sizes)
+        # A traced graph exports only torch operations, so tracing reads plain slices.
+        pieces = flat.split(sizes) if torch.jit.is_tracing() else _Unpack.apply(flat, sizes)
         views = {name: pieces[piece_at[s.start, s.stop]].view(s.shape) for name, s in self.named.items()}
         if module is not None:
             for attrs, name, start, size, shape in self._resolved(module):
