@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -306,3 +307,38 @@ def test_jit_elbo_gives_the_same_gradient_as_the_eager_elbo():
     jit_loss, jit_grad = grads(pyro.infer.JitTrace_ELBO())
     assert jit_loss == pytest.approx(loss, rel=1e-5)
     torch.testing.assert_close(jit_grad, grad, rtol=1e-4, atol=1e-5)
+
+
+def test_discrete_and_sphere_sites_get_pyros_pointers():
+    # The pointers Pyro's own guides give: the enumeration tutorial, and the
+    # reparameteriser that turns a sphere into an unconstrained site.
+    def discrete():
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+        pyro.sample("x", dist.Bernoulli(p))
+
+    def sphere():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        y = pyro.sample("y", dist.ProjectedNormal(x))
+        pyro.sample("obs", dist.Normal(y, 1).to_event(1), obs=torch.tensor([1.0, 0.0]))
+
+    with pytest.raises(GuideSetupError, match=r"'x'.*discrete.*enumeration\.html"):
+        AutoFlowGuide(discrete)()
+    with pytest.raises(GuideSetupError, match=r"'y'.*Sphere.*ProjectedNormalReparam"):
+        AutoFlowGuide(sphere)()
+    # The advice works: reparametrised, the model trains.
+    from pyro.infer.reparam import ProjectedNormalReparam
+
+    pyro.clear_param_store()
+    reparam = poutine.reparam(sphere, config={"y": ProjectedNormalReparam()})
+    svi = SVI(reparam, AutoFlowGuide(reparam), pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    assert all(math.isfinite(svi.step()) for _ in range(3))
+
+
+def test_flow_posterior_moments_are_a_named_error():
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(_model_a)
+    guide()
+    posterior = guide.get_posterior()
+    for moment in ("mean", "variance"):
+        with pytest.raises(NotImplementedError, match="no closed form.*sample_posterior"):
+            getattr(posterior, moment)

@@ -280,6 +280,20 @@ class FlowPosterior(dist.TorchDistribution):
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         return self.rsample_and_log_prob(sample_shape)[0]
 
+    @property
+    def mean(self) -> Tensor:
+        raise NotImplementedError(
+            "a flow's mean has no closed form; estimate it from draws (guide.get_posterior().rsample((n,)) "
+            "or guide.sample_posterior(n)), or use guide.quantiles(...) for each site"
+        )
+
+    @property
+    def variance(self) -> Tensor:
+        raise NotImplementedError(
+            "a flow's variance has no closed form; estimate it from draws (guide.get_posterior().rsample((n,)) "
+            "or guide.sample_posterior(n)), or use guide.quantiles(...) for each site"
+        )
+
     def log_prob(self, value: Tensor) -> Tensor:
         last = self._last
         if last is not None and last[0] is value:

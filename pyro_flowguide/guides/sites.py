@@ -12,6 +12,7 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Transform, biject_to
@@ -50,10 +51,15 @@ def bijection(site: dict) -> Transform:
     try:
         return biject_to(site["fn"].support)
     except NotImplementedError:
+        support, name = site["fn"].support, site["name"]
+        fix = (
+            f"reparametrise it with poutine.reparam(model, config={{{name!r}: ProjectedNormalReparam()}})"
+            if support is constraints.sphere
+            else "reparametrise it (e.g. a covariance matrix as scales times an LKJCholesky factor)"
+        )
         raise GuideSetupError(
-            f"site {site['name']!r} has support {site['fn'].support}, which has no "
-            "bijection to unconstrained space; reparametrise it (e.g. a covariance "
-            "matrix as scales times an LKJCholesky factor) or guide it separately."
+            f"site {name!r} has support {support}, which has no bijection to "
+            f"unconstrained space; {fix} or guide it separately."
         ) from None
 
 
@@ -63,9 +69,9 @@ def check_continuous_unsubsampled(name: str, site: dict, model_name: str, guide:
     if fn.support.is_discrete:
         raise GuideSetupError(
             f"site {name!r} of model {model_name!r} is discrete ({type(fn).__name__}); {guide} "
-            "covers continuous latents only. Enumerate it out (@config_enumerate with "
-            f"TraceEnum_ELBO) or use AutoGuideList with {guide} on poutine.block(model, "
-            "hide=[...]) and a discrete guide such as AutoDiscreteParallel for this site."
+            "covers continuous latents only. Enumerate it out (@config_enumerate with TraceEnum_ELBO; "
+            f"see https://pyro.ai/examples/enumeration.html) or use AutoGuideList with {guide} on "
+            "poutine.block(model, hide=[...]) and a discrete guide such as AutoDiscreteParallel for this site."
         )
     for frame in site["cond_indep_stack"]:
         if frame.full_size is not None and frame.full_size != frame.size:
@@ -320,11 +326,8 @@ def named_setup_errors(model: Callable, model_name: str, args: tuple, kwargs: di
 
 
 def _latents(trace) -> dict[str, dict]:
-    return {
-        name: site
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-    }
+    nodes = trace.nodes.items()
+    return {n: s for n, s in nodes if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
 
 
 _NEW_GUIDE = "build a new guide for this model call, or make the latent shapes not depend on the arguments"
