@@ -32,13 +32,14 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoGuide
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
@@ -46,16 +47,19 @@ from ..tracing import max_plate_nesting
 from .contract import SeededSummaries, picklable, store_sync
 from .flow_guide import DEFAULT_FLOW, AutoFlowGuide
 from .local import (
-    LocalLayer,
+    build_layer,
     check_amortized_sites,
+    check_list_plates,
     check_plate_members,
+    draw_plates,
+    enter_plates,
     init_unconstrained,
-    local_frame,
+    local_frames,
     make_encoder,
     read_plates,
     subsample_indices,
 )
-from .sites import GuideSetupError, shapes_of, with_feasible_fallback
+from .sites import shapes_of, with_feasible_fallback
 
 #: The conditional flow of each local site. Splines, because a local latent is
 #: often one-dimensional, where an affine flow would be only a Gaussian.
@@ -76,12 +80,24 @@ _STANDARDISE_ROWS = 10_000
 
 
 class _GlobalFlowGuide(AutoFlowGuide):
-    """An :class:`AutoFlowGuide` that keeps its last flat latent, for the local flows to condition on."""
+    """An :class:`AutoFlowGuide` that keeps its last flat latent, for the local flows to condition on.
+
+    Inside a call of its :class:`AutoAmortizedFlowGuide` it enters that guide's
+    plates of the call (``_given_plates``): an outer plate may hold global
+    and local latents alike, and each plate is drawn once per call.
+    """
 
     def sample_latent(self, *args: Any, **kwargs: Any) -> Tensor:
         latent = super().sample_latent(*args, **kwargs)
         self.__dict__["_last_latent"] = latent
         return latent
+
+    def _create_plates(self, *args: Any, **kwargs: Any) -> dict:
+        given = self.__dict__.get("_given_plates")
+        if given is None:
+            return super()._create_plates(*args, **kwargs)
+        self.plates = given
+        return given
 
 
 class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
@@ -89,13 +105,15 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
 
     Arguments:
         model: A Pyro model whose local latents sit in a (possibly subsampled)
-            ``pyro.plate``.
+            ``pyro.plate``, or in nested plates (classes within schools).
         amortized: Maps each local site name to a function of the model's
             arguments (``f(*args, **kwargs)``) returning that site's per-datum
             context: a tensor whose leading dimension is the plate's *full*
-            size (a view of the data, e.g. ``lambda x, batch_size=None: x``).
-            The guide indexes the current subsample's rows and flattens
-            trailing dimensions into the context width.
+            size (a view of the data, e.g. ``lambda x, batch_size=None: x``);
+            for a site in nested plates, one leading dimension per plate, in
+            the order of the plates' dims (outermost first). The guide indexes
+            the current subsample's rows and flattens trailing dimensions into
+            the context width.
         flow: The conditional flow of each local site (a registry name, a Zuko
             flow class, or ``None`` for a diagonal Gaussian encoder). Default:
             ``DEFAULT_LOCAL_FLOW`` (NSF). The globals get
@@ -123,6 +141,16 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
     docstring) and the model replays them. With ``Predictive`` or
     :meth:`sample_posterior` on new data, call the model without subsampling
     (``batch_size=None``) so that model and guide see the same rows.
+
+    Nested plates: a local site may sit in several plates (classes within
+    schools); its context has one leading dimension per plate. An outer plate
+    may also hold global latents (one per school), which the globals' flow
+    serves; a latent in a local site's innermost plate must be amortized too.
+
+    In an ``AutoGuideList`` (``AutoAmortizedFlowGuide(poutine.block(model,
+    hide=[...]), ...)`` next to other autoguides) the list draws every plate,
+    this guide's local plates included, with the sizes of its first call; for
+    other batch sizes or new data give the list ``create_plates``.
 
     Example:
         >>> def model(x, batch_size=None):
@@ -167,12 +195,13 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
             if unknown:
                 raise ValueError(f"encoder given for sites {unknown} that are not in amortized")
         self._context_fns = dict(amortized)
+        # The user's function: it pickles where that does (the wrapped one never does).
+        self._init_loc_fn_arg = init_loc_fn
         # Tuples keep user modules from being registered before set-up.
         self._flow_arg = (flow,)
         self._encoder_arg = (encoder,)
         self._encoder_features = tuple(encoder_features)
         self.condition_on_globals = bool(condition_on_globals)
-        self._init_loc_fn = with_feasible_fallback(init_loc_fn)
         self._init_scale = float(init_scale)
         self._global_options = dict(global_options or {})
         self._hyper = dict(hyper)
@@ -185,38 +214,37 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
     def _check_prototype(self, trace) -> None:
         """Called by the inner globals guide (Pyro's master/child protocol); nothing to check."""
 
+    @property
+    def _init_loc_fn(self) -> Callable:
+        return with_feasible_fallback(self._init_loc_fn_arg)
+
+    def _global_kwargs(self) -> dict:
+        # AutoFlowGuide's default flow (none with flow=None, the all-Gaussian baseline), centred:
+        # non-centred globals would run the model, locals and all, in every call of the globals guide.
+        options = {"flow": None if self._flow_arg[0] is None else DEFAULT_FLOW, "init_loc_fn": self._init_loc_fn_arg,
+                   "init_scale": self._init_scale, "noncentered": False, "structure": "full"}
+        return {**options, **self._global_options}
+
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
-        model = poutine.block(self.model, self._prototype_hide_fn)
-        self.prototype_trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+        self.prototype_trace, self._nesting = _latent_trace(self.model, self._prototype_hide_fn, args, kwargs)
         sites = dict(self.prototype_trace.iter_stochastic_nodes())
         check_amortized_sites(sites, self._context_fns, self._model_name)
         self._local_plates = {}  # plate name -> its frame
-        self._site_plate = {}  # local site -> plate name
+        self._site_plates = {}  # local site -> its plates' names, outermost dim first
         for name in self._context_fns:
-            frame = local_frame(sites[name])
-            self._local_plates[frame.name] = frame
-            self._site_plate[name] = frame.name
-        check_plate_members(sites, self._context_fns, self._site_plate, self._local_plates)
-        self._plate_info = read_plates(self.prototype_trace, self._context_fns, self._site_plate, args, kwargs)
+            frames = local_frames(sites[name])
+            self._local_plates.update((frame.name, frame) for frame in frames)
+            self._site_plates[name] = tuple(frame.name for frame in frames)
+        check_plate_members(sites, self._context_fns, self._site_plates)
+        self._plate_info = read_plates(self.prototype_trace, self._context_fns, self._site_plates, args, kwargs)
         self._signature = shapes_of(args, kwargs)
 
         local_names = set(self._context_fns)
         global_names = [n for n in sites if n not in local_names]
         dtype, device = torch.get_default_dtype(), None
         if global_names:
-            # Globals get AutoFlowGuide's own default flow (none with flow=None,
-            # the all-Gaussian baseline).
-            options = {
-                "flow": None if self._flow_arg[0] is None else DEFAULT_FLOW,
-                "init_loc_fn": self._init_loc_fn,
-                "init_scale": self._init_scale,
-                # Non-centred globals would run the model, locals and all, in
-                # every call of the global guide.
-                "noncentered": False,
-                "structure": "full",
-            }
-            options.update(self._global_options)
-            self.global_guide = _GlobalFlowGuide(poutine.block(self.model, hide=list(local_names)), **options)
+            blocked = poutine.block(self.model, hide=list(local_names))
+            self.global_guide = _GlobalFlowGuide(blocked, **self._global_kwargs())
             self.global_guide._setup_prototype(*args, **kwargs)
             self._prototype_frames = dict(self.global_guide._prototype_frames)
             global_dim = self.global_guide.latent_dim
@@ -234,71 +262,56 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
 
         layers = {}
         for name in self._context_fns:
-            site = sites[name]
-            frame = self._local_frames()[name]
-            full = self._plate_info[frame.name][0]
-            with torch.random.fork_rng(devices=[]):
-                # The same rows for the same data whatever the random state: a
-                # guide built again (to load a saved param store) standardises alike.
-                torch.manual_seed(0)
-                sample = subsample_indices(full, _STANDARDISE_ROWS)
-            context = self._context_rows(name, args, kwargs, sample).to(dtype=dtype, device=device)
-            encoder = make_encoder(self._encoder_arg[0], name, context.shape[-1], self._encoder_features).to(dtype=dtype, device=device)
-            rows = context
-            c_loc = rows.mean(0)
-            c_scale = rows.std(0) if rows.shape[0] > 1 else torch.ones_like(c_loc)
-            # Constant columns (e.g. all-zero pixels) keep their scale.
-            c_scale = torch.where(c_scale > 1e-6, c_scale, torch.ones_like(c_scale))
-            with torch.no_grad():
-                out = encoder(context[:2])
-            if out.dim() != 2 or out.shape[0] != context[:2].shape[0]:
-                raise GuideSetupError(
-                    f"the encoder of site {name!r} must map a context batch (B, C) to features "
-                    f"(B, H); given shape {tuple(context[:2].shape)} it returned {tuple(out.shape)}"
-                )
-            init = init_unconstrained(self._init_loc_fn, site, frame.dim)
-            layers[name] = LocalLayer(
-                site,
-                frame.dim,
-                encoder,
-                out.shape[-1],
-                c_loc,
-                c_scale,
+            context = _standardising_rows(self._context_rows(name, args, kwargs))
+            layers[name] = build_layer(
+                sites[name],
+                self._local_plates[self._site_plates[name][0]].dim,
+                context.to(dtype=dtype, device=device),
+                make_encoder(self._encoder_arg[0], name, context.shape[-1], self._encoder_features),
                 condition,
-                init,
+                init_unconstrained(self._init_loc_fn, sites[name]),
                 self._init_scale,
                 self._flow_arg[0],
                 self._hyper,
                 _GLOBAL_HEAD if condition else None,
-            ).to(dtype=dtype, device=device)
+            )
         self.local_layers = nn.ModuleDict(layers)
 
     @property
     def local_plates(self) -> dict:
-        """The frame of each local plate by name (after set-up)."""
+        """The frame of each plate holding an amortized site, by name (after set-up)."""
         return self._local_plates
 
-    def _local_frames(self) -> dict:
-        return {name: self._local_plates[plate] for name, plate in self._site_plate.items()}
-
-    def _context_rows(self, name: str, args: tuple, kwargs: dict, idx: Tensor | None) -> Tensor:
+    def _context_rows(self, name: str, args: tuple, kwargs: dict, indices: Sequence[Tensor | None] = ()) -> Tensor:
+        """The site's context rows ``(B, C)``: indexed along each of its plates (``None``: all), then flattened."""
         context = self._context_fns[name](*args, **kwargs)
-        rows = context if idx is None else context.index_select(0, idx.to(context.device))
-        return rows.reshape(rows.shape[0], -1)
+        for k, idx in enumerate(indices):
+            if idx is not None:
+                context = context.index_select(k, idx.to(context.device))
+        k = len(self._site_plates[name])
+        return context.reshape(math.prod(context.shape[:k]), -1)
 
     # ------------------------------------------------------------- forward
     def _refresh(self, args: tuple, kwargs: dict) -> None:
         signature = shapes_of(args, kwargs)
         if signature == self._signature:
             return
-        # New data or a new batch size: re-read plate sizes and check the contexts
-        # (on a fork of the random state: draws do not depend on whether shapes changed).
+        # New data or a new batch size: plate sizes, contexts and the globals guide's check,
+        # on a fork of the random state (draws do not depend on whether shapes changed).
         with torch.random.fork_rng(devices=[]):
-            trace = poutine.block(poutine.trace(poutine.block(self.model, self._prototype_hide_fn)).get_trace)(
-                *args, **kwargs
-            )
-        self._plate_info = read_plates(trace, self._context_fns, self._site_plate, args, kwargs)
+            trace, self._nesting = _latent_trace(self.model, self._prototype_hide_fn, args, kwargs)
+            if self.global_guide is not None:
+                self.global_guide._check_shapes(args, kwargs)
+        self._plate_info = read_plates(trace, self._context_fns, self._site_plates, args, kwargs)
         self._signature = signature
+
+    def _create_plates(self, *args: Any, **kwargs: Any) -> dict:
+        """This call's plates, each drawn once (local ones with this guide's indices); an ``AutoGuideList``'s in one."""
+        if self.master is not None and not self.__dict__.get("_own_plates"):
+            self.plates = check_list_plates(self.master().plates, self._plate_info)
+        else:
+            self.plates = draw_plates(self._plate_info, self._prototype_frames, self._device)
+        return self.plates
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         setting_up = self.prototype_trace is None
@@ -309,26 +322,26 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
             store_sync(self).tree(self)  # a param store loaded after set-up wins
         result: dict[str, Tensor] = {}
         globals_ = None
+        plates = self._create_plates(*args, **kwargs)
         guide = self.global_guide
         if guide is not None:
-            # The globals guide takes its plates from this (master) guide.
-            self._create_plates(*args, **kwargs)
-            result.update(guide(*args, **kwargs))
+            # The globals guide enters this call's plates (a plate may hold globals and locals).
+            guide.__dict__["_given_plates"] = plates
+            try:
+                result.update(guide(*args, **kwargs))
+            finally:
+                guide.__dict__.pop("_given_plates", None)
             if self.condition_on_globals:
                 globals_ = guide.__dict__.pop("_last_latent")
         layers = self.local_layers
-        for plate_name, (full, size, dim) in self._plate_info.items():
-            idx = subsample_indices(full, size, device=self._device)
-            with pyro.plate(plate_name, full, subsample=idx, dim=dim) as ind:
-                for name, plate in self._site_plate.items():
-                    if plate != plate_name:
-                        continue
-                    layer = layers[name]
-                    context = self._context_rows(name, args, kwargs, idx)
-                    context = context.to(dtype=layer.context_loc.dtype)
-                    batch_shape = torch.Size((len(ind),) + (1,) * (-dim - 1))
-                    q = layer.posterior(context, globals_, batch_shape, layer.event_shape)
-                    result[name] = pyro.sample(name, q)
+        for name, plate_names in self._site_plates.items():
+            layer = layers[name]
+            with ExitStack() as stack:
+                region, indices = enter_plates(stack, plates, plate_names, self._plate_info, layer.plate_nesting)
+                context = self._context_rows(name, args, kwargs, indices)
+                context = context.to(dtype=layer.context_loc.dtype)
+                q = layer.posterior(context, globals_, region, layer.event_shape)
+                result[name] = pyro.sample(name, q)
         if setting_up:  # every parameter is in the store now: a store loaded before set-up wins
             store_sync(self).tree(self)
         return result
@@ -337,7 +350,7 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
         # The guide maps new data through the model and the context functions,
         # so a pickle keeps both; Pyro's own __getstate__ would drop the model
         # from the live guide as well, so the links are put back.
-        _refuse_unpicklable(self._context_fns, self._model, self._model_name)
+        _refuse_unpicklable(self._context_fns, self._model, self._model_name, self._init_loc_fn_arg)
         links = self._model, self.master
         try:
             state = dict(super().__getstate__())
@@ -345,6 +358,14 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
             self._model, self.master = links
         state["_model"] = links[0]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        guide = self._modules.get("global_guide")
+        if guide is not None and guide._model is None and self._model is not None:
+            # Pyro's pickle drops the globals guide's model: rebuilt as at set-up.
+            blocked = poutine.block(self._model[0], hide=list(self._context_fns))
+            guide._model = (InitMessenger(self._init_loc_fn)(blocked),)
 
     # ------------------------------------------------------------ summaries
     @torch.no_grad()
@@ -360,36 +381,71 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
         else:
             self._refresh(args, kwargs)
             store_sync(self).tree(self)
-        nesting = max_plate_nesting(self.prototype_trace)
-        with poutine.block(), pyro.plate("_num_posterior_samples", num_samples, dim=-(nesting + 1)):
-            trace = poutine.trace(self).get_trace(*args, **kwargs)
+        # Its own plates, also in an AutoGuideList: the list's are those of its last call.
+        self.__dict__["_own_plates"] = True
+        try:
+            # Left of every plate of the model, observed sites' too: the globals guide may
+            # run the model in it (to check new argument shapes).
+            with poutine.block(), pyro.plate("_num_posterior_samples", num_samples, dim=-(self._nesting + 1)):
+                trace = poutine.trace(self).get_trace(*args, **kwargs)
+        finally:
+            self.__dict__.pop("_own_plates", None)
         out = {}
         for name, site in prune_subsample_sites(trace).nodes.items():
             if site["type"] != "sample" or site["infer"].get("is_auxiliary"):
                 continue
             value = site["value"]
-            shape = self._site_shape(name, site)
+            shape = _draw_shape(self, name, site)
             if value.numel() != num_samples * math.prod(shape):
                 value = value.expand(value.shape[: value.dim() - len(shape)] + shape)
             out[name] = value.reshape((num_samples,) + shape)
         return out
 
-    def _site_shape(self, name: str, site: dict) -> torch.Size:
-        if name in self._context_fns:
-            frame = self._local_frames()[name]
-            size = site["value"].shape[site["value"].dim() - len(self.local_layers[name].event_shape) + frame.dim]
-            return torch.Size((size,) + (1,) * (-frame.dim - 1)) + self.local_layers[name].event_shape
-        return self.global_guide.prototype_trace.nodes[name]["value"].shape
+
+def _latent_trace(model: Callable, hide_fn: Callable, args: tuple, kwargs: dict) -> tuple[Any, int]:
+    """One trace of the model: its latent sites' trace (the prototype), and how many dims all its plates use.
+
+    The count includes the plates of observed sites, which the prototype leaves out.
+    """
+    trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+    nesting = max_plate_nesting(trace)
+    for name, site in list(trace.nodes.items()):
+        if site["type"] not in ("args", "return") and hide_fn(site):
+            trace.remove_node(name)
+    return trace, nesting
 
 
-def _refuse_unpicklable(context_fns: Mapping[str, Callable], model: tuple | None, model_name: str) -> None:
+def _draw_shape(guide: AutoAmortizedFlowGuide, name: str, site: dict) -> torch.Size:
+    """The shape of one draw of a site: a local site's batch shape from its outermost plate's dim on, and event."""
+    if name in guide.local_layers:
+        layer, value = guide.local_layers[name], site["value"]
+        batch = value.shape[: value.dim() - len(layer.event_shape)]
+        return batch[len(batch) - layer.plate_nesting :] + layer.event_shape
+    return guide.global_guide.prototype_trace.nodes[name]["value"].shape
+
+
+def _standardising_rows(context: Tensor) -> Tensor:
+    """At most ``_STANDARDISE_ROWS`` rows of a site's context, to standardise its columns with."""
+    with torch.random.fork_rng(devices=[]):
+        # The same rows for the same data whatever the random state: a guide
+        # built again (to load a saved param store) standardises alike.
+        torch.manual_seed(0)
+        sample = subsample_indices(context.shape[0], _STANDARDISE_ROWS)
+    return context if sample is None else context.index_select(0, sample.to(context.device))
+
+
+def _refuse_unpicklable(
+    context_fns: Mapping[str, Callable], model: tuple | None, model_name: str, init_loc_fn: Callable
+) -> None:
     unpicklable = [f"amortized[{name!r}]" for name, fn in context_fns.items() if not picklable(fn)]
     if model is not None and not picklable(model[0]):
         unpicklable.append(f"the model {model_name!r}")
+    if not picklable(init_loc_fn):
+        unpicklable.append("init_loc_fn")
     if unpicklable:
         raise pickle.PicklingError(
             f"AutoAmortizedFlowGuide: {', '.join(unpicklable)} cannot be pickled (a lambda or a "
-            "closure), and the guide needs it to serve new data. Define it at module level, or "
-            "save torch.save(guide.state_dict(), path) and load that into a new guide built "
-            "the same way, after one call guide(*args)."
+            "closure); a pickled guide keeps the model, its context functions (to serve new data) "
+            "and init_loc_fn. Define it at module level, or save torch.save(guide.state_dict(), "
+            "path) and load that into a new guide built the same way, after one call guide(*args)."
         )

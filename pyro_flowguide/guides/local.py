@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
+import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
@@ -21,10 +23,15 @@ __all__ = [
     "LocalLayer",
     "LocalPosterior",
     "MLP",
+    "build_layer",
     "check_amortized_sites",
+    "check_contexts",
+    "check_list_plates",
     "check_plate_members",
+    "draw_plates",
+    "enter_plates",
     "init_unconstrained",
-    "local_frame",
+    "local_frames",
     "make_encoder",
     "read_plates",
     "subsample_indices",
@@ -68,9 +75,11 @@ class MLP(nn.Sequential):
 class LocalPosterior(dist.TorchDistribution):
     r"""q(z_i | context) for every datum of a subsample, as one Pyro distribution.
 
-    ``batch_shape`` is the site's (the subsample size at the plate's dim),
-    ``event_shape`` the site's. A draw and its log-density come from one pass;
-    scoring one's own draw reuses it, any other value is inverted.
+    ``batch_shape`` is the site's: the subsample size at each of its plates'
+    dims (1 between them), ``event_shape`` the site's. The data of all the
+    site's plates are one flat batch of rows here (the rows of the layer's
+    context, in the same order). A draw and its log-density come from one
+    pass; scoring one's own draw reuses it, any other value is inverted.
     """
 
     arg_constraints: dict = {}
@@ -102,14 +111,15 @@ class LocalPosterior(dist.TorchDistribution):
         )
 
     def _lead(self, shape: torch.Size) -> torch.Size:
-        # Everything left of the local plate's dim: sample shape and particle plates.
+        # Everything left of the outermost local plate's dim: sample shape and particle plates.
         return shape[: len(shape) - self.layer.plate_nesting]
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         layer = self.layer
         shape = torch.Size(sample_shape) + self.batch_shape
-        b = shape[len(shape) - layer.plate_nesting]
-        eps = torch.randn(self._lead(shape) + (b, layer.dim), dtype=self.loc.dtype, device=self.loc.device)
+        region = shape[len(shape) - layer.plate_nesting :]
+        rows = (math.prod(region), layer.dim)
+        eps = torch.randn(self._lead(shape) + rows, dtype=self.loc.dtype, device=self.loc.device)
         log_q = -0.5 * eps.pow(2).sum(-1) - 0.5 * layer.dim * math.log(2 * math.pi)
         if self.flow_t is not None:
             y, ladj = self.flow_t.call_and_ladj(eps)
@@ -118,9 +128,9 @@ class LocalPosterior(dist.TorchDistribution):
             y = eps
         u = self.loc + self.scale * y
         log_q = log_q - self.scale.log().sum(-1)
-        value, ladj = layer.to_site(u)
+        value, ladj = layer.to_site(u, region)
         log_q = log_q - ladj
-        log_q = log_q.reshape(log_q.shape + (1,) * (layer.plate_nesting - 1))
+        log_q = log_q.reshape(log_q.shape[:-1] + region)
         self._last = (value, log_q)
         return value
 
@@ -129,7 +139,7 @@ class LocalPosterior(dist.TorchDistribution):
         if last is not None and last[0] is value:
             return last[1]
         layer = self.layer
-        u, ladj_site = layer.from_site(value)
+        u, ladj_site, region = layer.from_site(value)
         y = (u - self.loc) / self.scale
         log_q = -ladj_site - self.scale.log().sum(-1)
         if self.flow_t is not None:
@@ -138,11 +148,15 @@ class LocalPosterior(dist.TorchDistribution):
         else:
             eps = y
         log_q = log_q - 0.5 * eps.pow(2).sum(-1) - 0.5 * layer.dim * math.log(2 * math.pi)
-        return log_q.reshape(log_q.shape + (1,) * (layer.plate_nesting - 1))
+        return log_q.reshape(log_q.shape[:-1] + region)
 
 
 class LocalLayer(nn.Module):
-    """Encoder, affine heads and conditional flow of one amortized site."""
+    """Encoder, affine heads and conditional flow of one amortized site.
+
+    ``plate_dim`` is the dim of the site's outermost plate: every batch dim
+    from there to the right holds the site's data (one row each, flattened).
+    """
 
     def __init__(
         self,
@@ -198,28 +212,34 @@ class LocalLayer(nn.Module):
                 hyper.setdefault("hidden_features", (max(64, 4 * self.dim),) * 2)
             self.flow = flow_transform(flow, self.dim, context=width, direction="sample", identity_init=True, **hyper)
 
-    def to_site(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Flat unconstrained ``(..., B, D)`` to the site's value and the log-Jacobian per datum."""
+    def to_site(self, u: Tensor, region: torch.Size) -> tuple[Tensor, Tensor]:
+        """Flat unconstrained ``(..., B, D)`` to the site's value and the log-Jacobian per datum.
+
+        ``region``: the site's batch shape from its outermost plate's dim on
+        (its ``B`` rows, with the size of each plate at that plate's dim).
+        """
         lead = u.shape[:-1]
-        uc = u.reshape(lead + (1,) * (self.plate_nesting - 1) + self.unconstrained_event_shape)
+        uc = u.reshape(lead[:-1] + region + self.unconstrained_event_shape)
         value = self.transform(uc)
         ladj = self.transform.log_abs_det_jacobian(uc, value)
         ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + self.event_dim)
         return value, ladj.reshape(lead)
 
-    def from_site(self, value: Tensor) -> tuple[Tensor, Tensor]:
+    def from_site(self, value: Tensor) -> tuple[Tensor, Tensor, torch.Size]:
+        """The inverse of :meth:`to_site`: flat ``(..., B, D)``, the log-Jacobian per datum, and the region."""
         uc = self.transform.inv(value)
         ladj = self.transform.log_abs_det_jacobian(uc, value)
         ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + self.event_dim)
         batch = uc.shape[: uc.dim() - len(self.unconstrained_event_shape)]
-        lead = batch[: len(batch) - self.plate_nesting + 1]
-        return uc.reshape(lead + (self.dim,)), ladj.reshape(lead)
+        region = batch[len(batch) - self.plate_nesting :]
+        lead = batch[: len(batch) - self.plate_nesting] + (math.prod(region),)
+        return uc.reshape(lead + (self.dim,)), ladj.reshape(lead), region
 
     def posterior(self, context: Tensor, globals_: Tensor | None, batch_shape, event_shape) -> LocalPosterior:
         h = self.encoder((context - self.context_loc) / self.context_scale)
         if globals_ is not None:
             # Globals carry particle dims (P, 1, ..., 1, G) aligned with the site's batch
-            # dims; drop those right of the plate's dim to match the (..., B, H) layout.
+            # dims; drop those right of the outermost plate's dim to match the (..., B, H) layout.
             gb = globals_.shape[:-1]
             keep = gb[: len(gb) - self.plate_nesting + 1] if len(gb) >= self.plate_nesting else ()
             globals_ = globals_.reshape(keep + globals_.shape[-1:])
@@ -267,8 +287,8 @@ def check_amortized_sites(sites: dict, context_fns: Mapping, model_name: str) ->
                     "batch_size=None: x} (the rows of the data it depends on)."
                 )
 
-def local_frame(site: dict):
-    """The one vectorised plate of an amortized site."""
+def local_frames(site: dict) -> tuple:
+    """The vectorised plates of an amortized site, outermost dim first (a site may sit in nested plates)."""
     name = site["name"]
     frames = [f for f in site["cond_indep_stack"] if f.vectorized]
     if not frames:
@@ -277,47 +297,76 @@ def local_frame(site: dict):
             "has one value per datum, so sample it inside the data plate (and remove it "
             "from amortized if it is a global latent)."
         )
-    if len(frames) > 1:
-        raise GuideSetupError(
-            f"amortized site {name!r} is inside several plates "
-            f"({[f.name for f in frames]}); AutoAmortizedFlowGuide supports one local "
-            "plate per site: move the inner dimensions into the event (.to_event(1))."
-        )
-    return frames[0]
+    return tuple(sorted(frames, key=lambda f: f.dim))
 
-def check_plate_members(sites: dict, context_fns: Mapping, site_plate: dict, local_plates: dict) -> None:
-    """Raises if a latent site shares a local plate with the amortized sites without being amortized."""
-    # A plate holding an amortized site is drawn by this guide; another latent in it
-    # would need the same per-datum treatment.
+
+def _plates_text(plates: Sequence[str]) -> str:
+    return f"plate {plates[0]!r}" if len(plates) == 1 else f"plates {list(plates)}"
+
+
+def check_plate_members(sites: dict, context_fns: Mapping, site_plates: dict) -> None:
+    """Raises if a latent site is inside an amortized site's innermost plate without being amortized.
+
+    ``site_plates``: the plate names of each amortized site, outermost dim first.
+    An outer plate (schools around classes) may also hold global latents (one
+    per school): the globals' flow serves those.
+    """
+    # The innermost plate holds the data the amortized sites are drawn per; another
+    # latent in it would need the same per-datum treatment.
+    inner = {}
+    for name, plates in site_plates.items():
+        inner.setdefault(plates[-1], []).append(name)
     for name, site in sites.items():
         if name in context_fns:
             continue
         for frame in site["cond_indep_stack"]:
-            if frame.name in local_plates:
+            if frame.name in inner:
                 raise GuideSetupError(
                     f"latent site {name!r} is inside plate {frame.name!r}, which holds "
-                    f"the amortized sites {sorted(n for n, p in site_plate.items() if p == frame.name)}, "
+                    f"the amortized sites {sorted(inner[frame.name])}, "
                     f"but it is not in amortized; add it: amortized={{..., {name!r}: "
                     "<context function>}."
                 )
 
-def read_plates(trace, context_fns: Mapping, site_plate: dict, args: tuple, kwargs: dict) -> dict:
-    """Full and subsample size of each local plate for this call, with the context checks."""
+
+def check_contexts(name: str, context: Any, plates: Sequence[str], fulls: Sequence[int]) -> None:
+    """Raises unless a context function returned one row per datum: leading dims the full sizes of the site's plates."""
+    if len(plates) == 1:
+        return check_context(name, context, plates[0], fulls[0])
+    if not torch.is_tensor(context) or tuple(context.shape[: len(fulls)]) != tuple(fulls):
+        got = tuple(context.shape) if torch.is_tensor(context) else type(context).__name__
+        raise GuideSetupError(
+            f"the context function of site {name!r} returned {got}, but {name!r} is inside "
+            f"{_plates_text(plates)} with full sizes {tuple(fulls)}: its leading dimensions must "
+            "be those full sizes, one per plate in the order of the plates' dims (outermost "
+            "first), e.g. return y of shape (schools, classes, features), not a subsample."
+        )
+
+
+def read_plates(trace, context_fns: Mapping, site_plates: dict, args: tuple, kwargs: dict) -> dict:
+    """Full size, subsample size and dim of each local plate for this call, with the context checks.
+
+    ``site_plates``: the plate names of each amortized site, outermost dim first.
+    """
     info = {}
     for name, site in trace.iter_stochastic_nodes():
         if name not in context_fns:
             continue
-        frames = [f for f in site["cond_indep_stack"] if f.name == site_plate[name]]
-        if not frames:
+        frames = {f.name: f for f in site["cond_indep_stack"] if f.vectorized}
+        missing = [p for p in site_plates[name] if p not in frames]
+        if missing or len(frames) != len(site_plates[name]):
             raise GuideSetupError(
-                f"amortized site {name!r} left plate {site_plate[name]!r} when the "
-                "model was called with new arguments; build a new guide for this model."
+                f"amortized site {name!r} left {_plates_text(missing or site_plates[name])} (or "
+                "entered another) when the model was called with new arguments; build a new "
+                "guide for this model."
             )
-        frame = frames[0]
-        full = frame.full_size if frame.full_size is not None else frame.size
-        info[frame.name] = (full, frame.size, frame.dim)
-        context = context_fns[name](*args, **kwargs)
-        check_context(name, context, frame.name, full)
+        fulls = []
+        for plate in site_plates[name]:
+            frame = frames[plate]
+            full = frame.full_size if frame.full_size is not None else frame.size
+            info[plate] = (full, frame.size, frame.dim)
+            fulls.append(full)
+        check_contexts(name, context_fns[name](*args, **kwargs), site_plates[name], fulls)
     for name in context_fns:
         if name not in trace.nodes:
             raise GuideSetupError(
@@ -325,6 +374,7 @@ def read_plates(trace, context_fns: Mapping, site_plate: dict, args: tuple, kwar
                 "arguments; build a new guide for this model call."
             )
     return info
+
 
 def make_encoder(encoder: Any, name: str, width: int, features: Sequence[int]) -> nn.Module:
     """The encoder of site ``name``: the one given (or given for it), else an :class:`MLP`."""
@@ -336,11 +386,91 @@ def make_encoder(encoder: Any, name: str, width: int, features: Sequence[int]) -
         raise TypeError(f"encoder must be an nn.Module (or a dict of them), got {type(encoder).__name__}")
     return encoder
 
-def init_unconstrained(init_loc_fn: Callable, site: dict, plate_dim: int) -> Tensor:
-    """A local site's initial unconstrained value: the mean over the prototype's rows."""
+def init_unconstrained(init_loc_fn: Callable, site: dict) -> Tensor:
+    """A local site's initial unconstrained value: the mean over the prototype's rows (its batch elements)."""
     value = init_loc_fn(site).detach()
     u = biject_to(site["fn"].support).inv(value)
     event = u.dim() - len(site["fn"].batch_shape)
-    batch = u.shape[: u.dim() - event]
-    rows = u.reshape(batch[: len(batch) + plate_dim + 1] + (-1,))
-    return rows.reshape(-1, rows.shape[-1]).mean(0)
+    return u.reshape(-1, math.prod(u.shape[u.dim() - event :])).mean(0)
+
+
+def build_layer(
+    site: dict,
+    plate_dim: int,
+    context: Tensor,
+    encoder: nn.Module,
+    global_dim: int,
+    init: Tensor,
+    init_scale: float,
+    flow: Any,
+    hyper: dict,
+    global_head: int | None,
+) -> LocalLayer:
+    """A site's :class:`LocalLayer`, standardising with the mean and sd of ``context`` (rows seen at set-up)."""
+    encoder = encoder.to(dtype=context.dtype, device=context.device)
+    c_loc = context.mean(0)
+    c_scale = context.std(0) if context.shape[0] > 1 else torch.ones_like(c_loc)
+    # Constant columns (e.g. all-zero pixels) keep their scale.
+    c_scale = torch.where(c_scale > 1e-6, c_scale, torch.ones_like(c_scale))
+    with torch.no_grad():
+        out = encoder(context[:2])
+    if out.dim() != 2 or out.shape[0] != context[:2].shape[0]:
+        raise GuideSetupError(
+            f"the encoder of site {site['name']!r} must map a context batch (B, C) to features "
+            f"(B, H); given shape {tuple(context[:2].shape)} it returned {tuple(out.shape)}"
+        )
+    layer = LocalLayer(
+        site, plate_dim, encoder, out.shape[-1], c_loc, c_scale, global_dim, init, init_scale, flow, hyper, global_head
+    )
+    return layer.to(dtype=context.dtype, device=context.device)
+
+
+def draw_plates(plate_info: dict, global_frames: dict, device=None) -> dict:
+    """One call's plates by name: each local plate with subsample indices of its own draw, then the globals' plates.
+
+    ``plate_info``: ``(full size, subsample size, dim)`` of each local plate;
+    ``global_frames``: the frames of the global sites' plates.
+    """
+    plates = {}
+    for name, (full, size, dim) in plate_info.items():
+        plates[name] = pyro.plate(name, full, subsample=subsample_indices(full, size, device=device), dim=dim)
+    for name, frame in sorted(global_frames.items()):
+        if name not in plates:
+            full = frame.full_size or frame.size
+            plates[name] = pyro.plate(name, full, subsample_size=frame.size, dim=frame.dim)
+    return plates
+
+
+def check_list_plates(plates: dict, plate_info: dict) -> dict:
+    """An ``AutoGuideList``'s plates, after checking each local plate has this call's sizes."""
+    for name, (full, size, dim) in plate_info.items():
+        plate = plates[name]
+        drawn = plate.size, plate.subsample_size or plate.size
+        if drawn != (full, size):
+            raise GuideSetupError(
+                f"AutoAmortizedFlowGuide in an AutoGuideList: the list drew plate {name!r} with "
+                f"{drawn[1]} of {drawn[0]} data points (the sizes of its first call), but this call "
+                f"has {size} of {full}. Give the list create_plates so that it draws the plate for "
+                "each call, e.g. AutoGuideList(model, create_plates=lambda *args, **kwargs: "
+                f"pyro.plate({name!r}, <full size>, subsample_size=<batch size>, dim={dim})), "
+                "or call it as at its first call."
+            )
+    return plates
+
+
+def enter_plates(
+    stack: ExitStack, plates: dict, names: Sequence[str], plate_info: dict, nesting: int
+) -> tuple[torch.Size, list]:
+    """Enters a site's plates; returns its batch shape from the outermost plate's dim on, and each plate's indices.
+
+    An index is ``None`` where the plate is not subsampled (every row).
+    """
+    region = [1] * nesting
+    indices = []
+    for name in names:
+        plate = plates[name]
+        ind = stack.enter_context(plate)
+        region[plate_info[name][2]] = len(ind)
+        subsampled = plate.subsample_size is not None and plate.subsample_size < plate.size
+        indices.append(ind if subsampled else None)
+    return torch.Size(region), indices
