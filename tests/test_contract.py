@@ -342,3 +342,21 @@ def test_flow_posterior_moments_are_a_named_error():
     for moment in ("mean", "variance"):
         with pytest.raises(NotImplementedError, match="no closed form.*sample_posterior"):
             getattr(posterior, moment)
+
+
+def test_draws_for_a_seed_do_not_depend_on_a_shape_check():
+    # New argument shapes make the guide trace the model once to check its
+    # latents; that trace must not consume the caller's random stream.
+    def model(x):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(z.sum(), 1.0), obs=x)
+
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(model)
+    guide(torch.zeros(3))
+    pyro.set_rng_seed(4)
+    checked = guide(torch.zeros(5))["z"]  # other shapes: the check runs
+    pyro.set_rng_seed(4)
+    again = guide(torch.zeros(5))["z"]  # the same shapes: no check
+    assert torch.equal(checked, again)

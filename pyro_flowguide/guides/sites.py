@@ -440,8 +440,8 @@ def check_setup_trace(
 
 
 def check_model_call(signature: TraceSignature, model: Callable, model_name: str, args: tuple, kwargs: dict) -> None:
-    """Traces the model with new arguments and checks the trace against the set-up ``signature``."""
-    with torch.no_grad():
+    """Traces the model with new arguments, on a copy of the random state, and checks it against ``signature``."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         signature.check(poutine.block(poutine.trace(model).get_trace)(*args, **kwargs), model_name)
 
 
