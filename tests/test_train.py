@@ -459,6 +459,9 @@ def test_learning_rate_schedule_follows_the_guide_unless_given(monkeypatch):
     amortized = TRAINING_DEFAULTS[pfg.AutoAmortizedFlowGuide]
     assert (amortized.final_lr, amortized.num_particles) == (1e-4, 8)
     assert training_defaults(pfg.AutoFlowGuide(model)).final_lr == 3e-4
+    # The structured posterior trains with the same budget whichever class builds it.
+    structured = training_defaults(pfg.AutoStructuredFlowGuide(model))
+    assert (structured.final_lr, structured.num_particles) == (3e-4, 32)
 
 
 def test_result_plot_and_repr():

@@ -60,7 +60,13 @@ def make_guide(name, model):
 
         options = json.loads(name[len("autoflow:"):]) if ":" in name else {}
         return pfg.AutoFlowGuide(model, **options)
-    raise ValueError(f"unknown guide {name!r}; choose from {GUIDES} or autoflow:{{json options}}")
+    if name.startswith("autostructured:"):
+        import pyro_flowguide as pfg
+
+        return pfg.AutoStructuredFlowGuide(model, **json.loads(name[len("autostructured:"):]))
+    raise ValueError(
+        f"unknown guide {name!r}; choose from {GUIDES}, autoflow:{{json options}} or autostructured:{{json options}}"
+    )
 
 
 def draw(guide, args, num):

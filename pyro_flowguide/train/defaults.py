@@ -9,7 +9,7 @@ import pyro
 from pyro.infer import Trace_ELBO
 from pyro.optim import PyroOptim
 
-from ..guides import AutoAmortizedFlowGuide, AutoFlowGuide
+from ..guides import AutoAmortizedFlowGuide, AutoFlowGuide, AutoStructuredFlowGuide
 from .losses import DEFAULT_ALPHA, RenyiDReG_ELBO
 from .warm_start import gaussian_stage
 
@@ -118,6 +118,8 @@ class TrainingDefaults:
 TRAINING_DEFAULTS: dict[type, TrainingDefaults] = {
     AutoFlowGuide: TrainingDefaults(num_particles=32, final_lr=3e-4, loss=_flow_guide_loss, warm_start=gaussian_stage),
     AutoAmortizedFlowGuide: TrainingDefaults(num_particles=8, final_lr=1e-4),
+    # The budget AutoFlowGuide's structured default trains with, used directly.
+    AutoStructuredFlowGuide: TrainingDefaults(num_particles=32, final_lr=3e-4),
 }
 
 
