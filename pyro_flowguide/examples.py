@@ -10,6 +10,7 @@ import torch
 __all__ = [
     "EIGHT_SCHOOLS_SIGMA",
     "EIGHT_SCHOOLS_Y",
+    "GAUSSIAN_MIXTURE_DATA",
     "MOG2D_LOCS",
     "banana",
     "banana_draws",
@@ -17,6 +18,7 @@ __all__ = [
     "eight_schools_centered",
     "eight_schools_noncentered",
     "funnel10",
+    "gaussian_mixture",
     "linear_regression",
     "linear_regression_data",
     "local_linear",
@@ -207,3 +209,24 @@ def local_linear(x: torch.Tensor, batch_size: int | None = None) -> None:
     with pyro.plate("data", len(x), subsample_size=batch_size) as idx:
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
         pyro.sample("x", dist.Normal(2 * z + 1, 0.5), obs=x[idx])
+
+
+#: The five points of Pyro's Gaussian-mixture tutorial.
+GAUSSIAN_MIXTURE_DATA = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
+
+
+@pyro.infer.config_enumerate
+def gaussian_mixture(data: torch.Tensor) -> None:
+    """Pyro's Gaussian-mixture tutorial: two components, the assignments enumerated.
+
+    Sites ``weights``, ``scale``, ``locs`` (plate ``components``), the discrete
+    ``assignment`` and observed ``obs`` (plate ``data``); train with
+    ``TraceEnum_ELBO(max_plate_nesting=1)``.
+    """
+    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
+    with pyro.plate("components", 2):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)

@@ -28,6 +28,7 @@ from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
 
 import pyro_flowguide as pfg
 from pyro_flowguide import AutoAmortizedFlowGuide, GuideSetupError
+from test_amortized import hierarchical_model
 
 torch.set_num_threads(1)
 
@@ -75,13 +76,6 @@ def features_model(y, batch_size=None):
     with pyro.plate("features", y.shape[1], dim=-2), data as idx:
         pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx].T)
 
-
-def hierarchical_model(y, batch_size=None):
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfNormal(1.0))
-    with pyro.plate("groups", y.shape[0], subsample_size=batch_size) as idx:
-        a = pyro.sample("a", dist.Normal(0.0, tau))
-        pyro.sample("y", dist.Normal((mu + a).unsqueeze(-1), 1.0).to_event(1), obs=y[idx])
 
 
 def _fit(model, guide, *args, steps=3, **options):

@@ -266,20 +266,11 @@ def test_gaussian_mixture_tutorial_in_an_autoguidelist_at_its_learning_rate():
     # assignments in AutoDiscreteParallel, TraceEnum_ELBO at Adam 0.1 for its 200
     # steps, where this guide once went to NaN within 24-51 steps.
     from pyro import poutine
-    from pyro.infer import TraceEnum_ELBO, config_enumerate
+    from pyro.infer import TraceEnum_ELBO
     from pyro.infer.autoguide import AutoDiscreteParallel, AutoGuideList
 
-    data = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
-
-    @config_enumerate
-    def model(data):
-        weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
-        scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
-        with pyro.plate("components", 2):
-            locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
-        with pyro.plate("data", len(data)):
-            assignment = pyro.sample("assignment", dist.Categorical(weights))
-            pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+    from pyro_flowguide.examples import GAUSSIAN_MIXTURE_DATA as data
+    from pyro_flowguide.examples import gaussian_mixture as model
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)

@@ -22,6 +22,7 @@ import torch
 import pyro_flowguide as pfg
 from pyro_flowguide.examples import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, linear_regression, linear_regression_data
 from test_save_paths_structured import KINDS as STRUCTURED_KINDS
+from test_save_paths_structured import _draws, _same, _state
 
 pytest.importorskip("lightning.pytorch", reason="needs the 'distributed' extra (lightning)")
 
@@ -51,20 +52,6 @@ KINDS = {
     **STRUCTURED_KINDS,
 }
 
-
-def _draws(guide, args):
-    torch.manual_seed(5)
-    return guide.sample_posterior(16, *args)
-
-
-def _state(guide):
-    return {k: v.detach().clone() for k, v in guide.state_dict().items()}
-
-
-def _same(before, after):
-    assert before.keys() == after.keys()
-    for name in before:
-        assert torch.equal(before[name], after[name]), name
 
 
 def _trained(kind, path):

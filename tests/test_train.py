@@ -17,13 +17,14 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import config_enumerate
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
 
 import pyro_flowguide as pfg  # noqa: E402
 from benchmarks.memory import HAS_PROC, rss_mb  # noqa: E402
+from pyro_flowguide.examples import GAUSSIAN_MIXTURE_DATA as GMM_DATA  # noqa: E402
+from pyro_flowguide.examples import gaussian_mixture as gmm  # noqa: E402
 from pyro_flowguide.train import (  # noqa: E402
     Callback,
     CheckpointMismatchError,
@@ -496,21 +497,6 @@ def test_memory_stays_flat():
 
 
 # ---------------------------------------------------------------------------- 5. enumeration, convergence
-
-GMM_DATA = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
-
-
-@config_enumerate
-def gmm(data):
-    """Pyro's Gaussian-mixture tutorial: K = 2 components, the assignments enumerated."""
-    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
-    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
-    with pyro.plate("components", 2):
-        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
-    with pyro.plate("data", len(data)):
-        assignment = pyro.sample("assignment", dist.Categorical(weights))
-        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
-
 
 def _gmm_init(site):
     # The tutorial's initialisation: equal weights, half the data's spread, two data points as locs.
