@@ -14,6 +14,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide.initialization import init_to_feasible, init_to_median, init_to_sample
 from pyro.infer.mcmc.util import initialize_model
 from pyro.infer.reparam import NeuTraReparam
 from torch.distributions import Transform
@@ -309,7 +310,8 @@ def test_jit_elbo_gives_the_same_gradient_as_the_eager_elbo():
     torch.testing.assert_close(jit_grad, grad, rtol=1e-4, atol=1e-5)
 
 
-def test_discrete_and_sphere_sites_get_pyros_pointers():
+@pytest.mark.parametrize("init", [init_to_feasible, init_to_median, init_to_sample], ids=lambda f: f.__name__)
+def test_discrete_and_sphere_sites_get_pyros_pointers(init):
     # The pointers Pyro's own guides give: the enumeration tutorial, and the
     # reparameteriser that turns a sphere into an unconstrained site.
     def discrete():
@@ -322,9 +324,9 @@ def test_discrete_and_sphere_sites_get_pyros_pointers():
         pyro.sample("obs", dist.Normal(y, 1).to_event(1), obs=torch.tensor([1.0, 0.0]))
 
     with pytest.raises(GuideSetupError, match=r"'x'.*discrete.*enumeration\.html"):
-        AutoFlowGuide(discrete)()
+        AutoFlowGuide(discrete, init_loc_fn=init)()
     with pytest.raises(GuideSetupError, match=r"'y'.*Sphere.*ProjectedNormalReparam"):
-        AutoFlowGuide(sphere)()
+        AutoFlowGuide(sphere, init_loc_fn=init)()
     # The advice works: reparametrised, the model trains.
     from pyro.infer.reparam import ProjectedNormalReparam
 
@@ -360,3 +362,16 @@ def test_draws_for_a_seed_do_not_depend_on_a_shape_check():
     pyro.set_rng_seed(4)
     again = guide(torch.zeros(5))["z"]  # the same shapes: no check
     assert torch.equal(checked, again)
+
+
+def test_enumerated_model_sets_up_with_init_to_feasible():
+    # init_to_feasible has no point of a discrete support; the enumerated site
+    # is the model's, so the guide over the continuous sites must still set up.
+    from pyro.infer import TraceEnum_ELBO
+
+    from pyro_flowguide.examples import GAUSSIAN_MIXTURE_DATA, gaussian_mixture
+
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(poutine.block(gaussian_mixture, hide=["assignment"]), init_loc_fn=init_to_feasible)
+    svi = SVI(gaussian_mixture, guide, pyro.optim.Adam({"lr": 0.01}), TraceEnum_ELBO(max_plate_nesting=1))
+    assert math.isfinite(svi.step(GAUSSIAN_MIXTURE_DATA))

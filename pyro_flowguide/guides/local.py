@@ -17,7 +17,7 @@ from torch.distributions import biject_to
 
 from ..flows.registry import resolve_flow
 from ..transforms import flow_transform
-from .sites import GuideSetupError, bijection, check_context
+from .sites import GuideSetupError, bijection
 
 __all__ = [
     "LocalLayer",
@@ -25,6 +25,7 @@ __all__ = [
     "MLP",
     "build_layer",
     "check_amortized_sites",
+    "check_context",
     "check_contexts",
     "check_list_plates",
     "check_plate_members",
@@ -327,6 +328,23 @@ def check_plate_members(sites: dict, context_fns: Mapping, site_plates: dict) ->
                     f"but it is not in amortized; add it: amortized={{..., {name!r}: "
                     "<context function>}."
                 )
+
+
+def check_context(name: str, context: Any, plate: str, full: int) -> None:
+    """Raises unless a context function returned one row per datum of the plate's full size."""
+    if not torch.is_tensor(context) or context.dim() == 0:
+        raise GuideSetupError(
+            f"the context function of site {name!r} must return a tensor with one row per "
+            f"datum of plate {plate!r} (leading dimension {full}), got "
+            f"{type(context).__name__ if not torch.is_tensor(context) else 'a scalar'}"
+        )
+    if context.shape[0] != full:
+        raise GuideSetupError(
+            f"the context function of site {name!r} returned shape {tuple(context.shape)}, "
+            f"but plate {plate!r} has {full} data points: its leading dimension must be the "
+            "plate's full size (the guide selects the subsample's rows itself); e.g. return "
+            "x, not x[idx]."
+        )
 
 
 def check_contexts(name: str, context: Any, plates: Sequence[str], fulls: Sequence[int]) -> None:

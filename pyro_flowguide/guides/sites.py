@@ -25,7 +25,6 @@ __all__ = [
     "checked_arg_shapes",
     "TraceSignature",
     "bijection",
-    "check_context",
     "check_finite_at_init",
     "check_flow_sites",
     "check_init_value",
@@ -97,12 +96,17 @@ def checked_arg_shapes(held: Any, signature: TraceSignature, guide, model_name: 
 
 
 def with_feasible_fallback(init_loc_fn: Callable) -> Callable:
-    """Falls back to a feasible point for sites that cannot be sampled (ImproperUniform)."""
+    """Falls back to a feasible point for sites that cannot be sampled (ImproperUniform).
+
+    A discrete site gets a draw: it is enumerated, or refused with its fix once the trace is read.
+    """
 
     def init(site: dict) -> Tensor:
         try:
             value = init_loc_fn(site)
         except NotImplementedError:
+            if site["fn"].support.is_discrete:  # init_to_feasible has no point of a discrete support
+                return site["fn"].sample()
             to_support = bijection(site)
             return to_support(torch.zeros(to_support.inverse_shape(site["fn"].shape())))
         return check_init_value(site, value)
@@ -443,23 +447,6 @@ def check_model_call(signature: TraceSignature, model: Callable, model_name: str
     """Traces the model with new arguments, on a copy of the random state, and checks it against ``signature``."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         signature.check(poutine.block(poutine.trace(model).get_trace)(*args, **kwargs), model_name)
-
-
-def check_context(name: str, context: Any, plate: str, full: int) -> None:
-    """Raises unless a context function returned one row per datum of the plate's full size."""
-    if not torch.is_tensor(context) or context.dim() == 0:
-        raise GuideSetupError(
-            f"the context function of site {name!r} must return a tensor with one row per "
-            f"datum of plate {plate!r} (leading dimension {full}), got "
-            f"{type(context).__name__ if not torch.is_tensor(context) else 'a scalar'}"
-        )
-    if context.shape[0] != full:
-        raise GuideSetupError(
-            f"the context function of site {name!r} returned shape {tuple(context.shape)}, "
-            f"but plate {plate!r} has {full} data points: its leading dimension must be the "
-            "plate's full size (the guide selects the subsample's rows itself); e.g. return "
-            "x, not x[idx]."
-        )
 
 
 def check_options(noncentered: Any, init_scale: Any, estimator: Any, covariance: Any) -> bool | str | tuple:
