@@ -132,7 +132,8 @@ def _layer_forward(layer: nn.Module, kind: str, const: dict, x: Tensor) -> tuple
     """Zuko's ``meta(x).call_and_ladj(x)`` step by step, keeping what the score needs.
 
     A spline layer's map runs as one :class:`_Spline` node, whose gradients
-    are the derivatives that the score needs anyway.
+    are the derivatives that the score needs anyway (under tracing, which
+    exports only torch operations, as Zuko's own operations).
     """
     h, saved = x, []
     mods = list(layer.hyper)
