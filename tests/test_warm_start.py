@@ -122,3 +122,16 @@ def test_without_flow_is_the_affine_stage_alone():
     assert torch.allclose(alone, expected, atol=1e-5)
     torch.manual_seed(0)
     assert not torch.allclose(guide.get_posterior(x, y).sample((5,)), alone)
+
+
+def test_the_stage_warns_about_nothing():
+    # The README's fit runs the stage first: a user sees its warnings, so a
+    # healthy stage (here the README's own data) must not raise any.
+    x, y = linear_regression_data()
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    guide = pfg.AutoFlowGuide(linear_regression)
+    guide(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gaussian_stage(linear_regression, guide, (x, y), {}).accepted

@@ -125,7 +125,7 @@ def gaussian_stage(
                     # Too far: a huge value makes the line search step back.
                     return torch.tensor(1e30, dtype=value.dtype)
                 value.backward()
-                best = min(best, float(value))
+                best = min(best, float(value.detach()))
                 return value.detach()
 
             try:
