@@ -282,17 +282,11 @@ class FlowPosterior(dist.TorchDistribution):
 
     @property
     def mean(self) -> Tensor:
-        raise NotImplementedError(
-            "a flow's mean has no closed form; estimate it from draws (guide.get_posterior().rsample((n,)) "
-            "or guide.sample_posterior(n)), or use guide.quantiles(...) for each site"
-        )
+        raise NotImplementedError(_no_closed_form("mean"))
 
     @property
     def variance(self) -> Tensor:
-        raise NotImplementedError(
-            "a flow's variance has no closed form; estimate it from draws (guide.get_posterior().rsample((n,)) "
-            "or guide.sample_posterior(n)), or use guide.quantiles(...) for each site"
-        )
+        raise NotImplementedError(_no_closed_form("variance"))
 
     def log_prob(self, value: Tensor) -> Tensor:
         last = self._last
@@ -306,6 +300,13 @@ class FlowPosterior(dist.TorchDistribution):
         parts = self.parts if self.detached_parts is None else self.detached_parts()
         eps, ladj = inverse_with_ladj(parts, value)
         return self.base.log_prob(eps) - ladj
+
+
+def _no_closed_form(moment: str) -> str:
+    return (
+        f"a flow's {moment} has no closed form; estimate it from draws (guide.get_posterior().rsample((n,)) "
+        "or guide.sample_posterior(n)), or use guide.quantiles(...) for each site"
+    )
 
 
 def unit_tril(raw: Tensor) -> Tensor:

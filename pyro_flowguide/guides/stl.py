@@ -145,21 +145,19 @@ def _layer_forward(layer: nn.Module, kind: str, const: dict, x: Tensor) -> tuple
         if i + 1 < len(mods):
             h = mods[i + 1](h)
     phi = h.unflatten(-1, (-1, layer.total))
-    if kind == "rqs" and torch.jit.is_tracing():
-        # A traced graph exports only torch operations: Zuko's own spline
-        # under autograd, and its derivatives as plain tensors for the score.
-        t = layer.univariate(*zuko.utils.unpack(phi, layer.shapes))
-        y, ladj = t.call_and_ladj(x)
-        with torch.no_grad():
-            d, p = phi.shape[-2:]
-            t = _rqs_derivatives(t, _flat(x.detach(), d), phi.detach().reshape(-1, d, p), const)
-    elif kind == "rqs":
+    if kind == "rqs" and not torch.jit.is_tracing():
         found: list = []
         y, ladj = _Spline.apply(x, phi, layer, const, found)
         t = found[0]  # the spline's derivatives
     else:
         t = layer.univariate(*zuko.utils.unpack(phi, layer.shapes))
         y, ladj = t.call_and_ladj(x)
+        if kind == "rqs":
+            # Traced (a traced graph exports only torch operations): Zuko's own
+            # spline under autograd, and its derivatives as plain tensors for the score.
+            with torch.no_grad():
+                d, p = phi.shape[-2:]
+                t = _rqs_derivatives(t, _flat(x.detach(), d), phi.detach().reshape(-1, d, p), const)
     return y, ladj.sum(-1), (x, phi, t, saved)
 
 
