@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
 from contextlib import nullcontext
 
 import pyro
 from pyro import poutine
+from pyro.poutine import runtime
 from pyro.poutine.util import prune_subsample_sites
 
-__all__ = ["max_plate_nesting", "trace_model_and_guide"]
+__all__ = ["max_plate_nesting", "outside_handlers", "trace_model_and_guide"]
+
+
+@contextlib.contextmanager
+def outside_handlers() -> Iterator[None]:
+    """Runs a block as if no handler were active: as at the top level of a script.
+
+    Within it, no handler of the caller (an ELBO's trace, a particle plate, a
+    ``block`` or ``condition``) sees or changes a site, and plates allocate
+    their dims afresh; on exit the caller's handlers and dims are back as
+    they were. A guide that fits itself during its first call (inside an
+    ELBO's trace) runs that fit here.
+    """
+    stack = list(runtime._PYRO_STACK)
+    dims = list(runtime._DIM_ALLOCATOR._stack)
+    enum = copy.copy(vars(runtime._ENUM_ALLOCATOR))
+    runtime._PYRO_STACK.clear()
+    runtime._DIM_ALLOCATOR._stack.clear()
+    try:
+        yield
+    finally:
+        runtime._PYRO_STACK[:] = stack
+        runtime._DIM_ALLOCATOR._stack[:] = dims
+        vars(runtime._ENUM_ALLOCATOR).clear()
+        vars(runtime._ENUM_ALLOCATOR).update(enum)
 
 
 def trace_model_and_guide(model, guide, args, kwargs, draws: tuple[str, int, int] | None = None):

@@ -8,7 +8,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer.autoguide import AutoNormal
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoGuideList, AutoNormal
+from pyro.infer.autoguide.initialization import init_to_feasible
+from pyro.optim import Adam
 
 import pyro_flowguide as pfg
 from pyro_flowguide.examples import linear_regression, linear_regression_data
@@ -31,7 +35,7 @@ def test_the_stage_reaches_a_posterior_pinned_far_from_the_start():
     coef, noise = _least_squares(x, y)
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
-    guide = pfg.AutoFlowGuide(linear_regression)
+    guide = pfg.AutoFlowGuide(linear_regression, warm_start=False)
     global_state = torch.get_rng_state()
     result = gaussian_stage(linear_regression, guide, (x, y), {})
     assert torch.equal(torch.get_rng_state(), global_state)  # the draws come from a fork
@@ -131,7 +135,87 @@ def test_the_stage_warns_about_nothing():
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
     guide = pfg.AutoFlowGuide(linear_regression)
-    guide(x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert gaussian_stage(linear_regression, guide, (x, y), {}).accepted
+        guide(x, y)  # the first call runs the stage
+    assert guide.warm_start_result.accepted
+
+
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_a_plain_svi_loop_starts_where_fit_does(vectorized):
+    # Intercept 9, 13 units from the prior-median start: Adam at lr 0.01 moves
+    # the location by about 0.01 a step, so 200 plain steps from the start
+    # ended at a = 3.9 with sd 0.56 (posterior: 9.0, 0.05). The guide's first call, inside the ELBO's trace (and
+    # its particle plate), runs the Gaussian stage outside those handlers.
+    x, y = linear_regression_data(intercept=9.0)
+    coef, noise = _least_squares(x, y)
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    guide = pfg.AutoFlowGuide(linear_regression)
+    elbo = Trace_ELBO(num_particles=4 if vectorized else 1, vectorize_particles=vectorized, max_plate_nesting=1)
+    svi = SVI(linear_regression, guide, Adam({"lr": 0.01}), elbo)
+    for _ in range(200):
+        svi.step(x, y)
+    assert guide.warm_start_result is not None and guide.warm_start_result.accepted
+    draws = guide.sample_posterior(4000, x, y)
+    sd = noise / x.numel() ** 0.5
+    assert abs(float(draws["a"].mean()) - float(coef[0])) < sd
+    assert 0.7 < float(draws["a"].std()) / sd < 1.4
+
+
+def test_the_first_call_hides_the_stage_and_keeps_the_random_state():
+    x, y = linear_regression_data()
+    traced = {}
+    for warm_start in (None, False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(1)
+        guide = pfg.AutoFlowGuide(linear_regression, warm_start=warm_start)
+        with pyro.plate("particles", 3, dim=-2):  # an outer plate of the caller's, as an ELBO's
+            trace = poutine.trace(guide).get_trace(x, y)
+        traced[warm_start] = (trace, torch.get_rng_state())
+    staged, plain = traced[None], traced[False]
+    assert guide.warm_start_result is None
+    # The outer trace holds the guide's own sites only: none of the stage's evaluations.
+    assert list(staged[0].nodes) == list(plain[0].nodes)
+    assert staged[0].nodes["a"]["value"].shape == (3, 1)
+    assert torch.equal(staged[1], plain[1])  # the stage's draws came from a fork
+
+
+@pytest.mark.parametrize(
+    "options", [{"init_scale": 0.5}, {"init_loc_fn": init_to_feasible}, {"warm_start": False}],
+    ids=["init_scale", "init_loc_fn", "warm_start=False"],
+)
+def test_an_explicit_initialisation_is_honoured(options):
+    x, y = linear_regression_data(intercept=9.0)
+    pyro.clear_param_store()
+    guide = pfg.AutoFlowGuide(linear_regression, **options)
+    guide(x, y)
+    assert guide.warm_start_result is None and guide.untrained
+    assert float(guide.affine_loc.detach()[0]) < 1.0  # at the initial point, not near the posterior's 9
+    assert torch.allclose(guide.affine_scale, torch.full((3,), options.get("init_scale", 1.0)))
+
+
+def test_warm_start_true_stages_despite_an_explicit_initialisation():
+    x, y = linear_regression_data(intercept=9.0)
+    pyro.clear_param_store()
+    guide = pfg.AutoFlowGuide(linear_regression, init_scale=0.5, warm_start=True)
+    guide(x, y)
+    assert guide.warm_start_result.accepted and abs(float(guide.affine_loc[0]) - 9.0) < 0.2
+
+
+def test_a_member_of_a_guide_list_is_not_staged_alone():
+    # The stage would fit this member against the model with the other
+    # members' sites drawn from their priors.
+    x, y = linear_regression_data()
+    pyro.clear_param_store()
+    guides = AutoGuideList(linear_regression)
+    member = pfg.AutoFlowGuide(poutine.block(linear_regression, hide=["sigma"]))
+    guides.append(member)
+    guides.append(AutoDiagonalNormal(poutine.block(linear_regression, expose=["sigma"])))
+    guides(x, y)
+    assert member.warm_start_result is None
+
+
+def test_warm_start_must_be_a_bool_or_none():
+    with pytest.raises(ValueError, match="warm_start must be None, True or False"):
+        pfg.AutoFlowGuide(linear_regression, warm_start="yes")

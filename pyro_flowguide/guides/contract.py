@@ -243,8 +243,8 @@ class GuideContractMixin:
         name = self._packed_name or "packed"
         return f"{prefix}.{name}" if prefix else name
 
-    def _check_store(self, shape: torch.Size) -> None:
-        """Refuses a parameter held under this guide's name with another shape."""
+    def _check_store(self, shape: torch.Size) -> bool:
+        """Whether the param store holds this guide's parameter already (loaded); refuses one of another shape."""
         fullname, store = self.packed_param_name, pyro.get_param_store()
         held = store[fullname] if fullname in store else None
         if held is not None and held.shape != shape:
@@ -255,6 +255,7 @@ class GuideContractMixin:
                 "from another version was loaded). Call pyro.clear_param_store(), or delete "
                 f"that entry (del pyro.get_param_store()[{fullname!r}]), before building this guide."
             )
+        return held is not None
 
     def _packed(self) -> Tensor:
         """The packed parameter, after adopting a param store's tensor loaded under its name (see :class:`StoreSync`)."""

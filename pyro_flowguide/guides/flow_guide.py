@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from pyro.infer.autoguide import AutoContinuous, AutoGuide
+from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoGuideList
 from pyro.infer.autoguide.initialization import init_to_median
 from torch import nn
 
@@ -132,6 +132,18 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
             :attr:`structured`), whose parameters and cost grow linearly with
             the latents. ``"full"``: always the full flow; ``"sites"``: always
             the structured posterior.
+        warm_start: Whether the guide's first call fits the location and the
+            per-coordinate scale of its affine stage to the model, by the
+            Gaussian stage of :func:`~pyro_flowguide.guides.warm_start.gaussian_stage`
+            (L-BFGS on the ELBO of that Gaussian, seeded, kept only if the
+            ELBO improved; its outcome is :attr:`warm_start_result`). ``None``
+            (the default): when ``init_loc_fn`` and ``init_scale`` are left at
+            their defaults, the guide is not part of an ``AutoGuideList`` and
+            the posterior is the full flow, so that an explicit initialisation
+            is honoured; ``True``: also then; ``False``: never (the guide
+            starts at ``init_loc_fn``'s point with scale ``init_scale``).
+            :func:`~pyro_flowguide.fit` runs the same stage for a fresh guide
+            that skipped it.
         hyper: Further hyper-parameters for the Zuko constructor (e.g. ``bins``).
 
     Example:
@@ -157,8 +169,12 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
         noncentered: bool | str | Sequence[str] = "auto",
         network_scale: str | None = "fan_in",
         structure: str = "auto",
+        warm_start: bool | None = None,
         **hyper: Any,
     ) -> None:
+        if warm_start not in (None, True, False):
+            raise ValueError(f"warm_start must be None, True or False, got {warm_start!r}")
+        self._warm_start_arg = warm_start
         self._init_scale_given = init_scale is not None
         init_scale = 1.0 if init_scale is None else init_scale
         self._noncentered_arg = check_options(noncentered, init_scale, estimator, covariance)
@@ -198,6 +214,9 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
         self._bare_model = (model,)
 
     _refused_support = None
+    #: What the Gaussian stage of the first call did (a
+    #: :class:`~pyro_flowguide.guides.warm_start.GaussianStageResult`), or ``None`` where it did not run.
+    warm_start_result = None
 
     @property
     def path_derivative_log_density(self) -> bool:
@@ -257,9 +276,24 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
             self._model_name, self._unconstrained_shapes, self.noncentered_sites,
             self._packing.layout(), self._flow_arg[0], {**self._hyper, **scaled},
         )
-        self._check_store(self._packing.initial.shape)
+        loaded = self._check_store(self._packing.initial.shape)
         self.packed = nn.Parameter(self._packing.initial)
         self._initial_fingerprint = packed_fingerprint(self._packing.initial)
+        if not loaded and self._stages_at_setup():
+            from .warm_start import stage_at_setup  # it traces the model with this guide
+
+            self.warm_start_result = stage_at_setup(self, args, kwargs)
+            self._initial_fingerprint = packed_fingerprint(self._packed().detach())  # the stage is the start
+
+    def _stages_at_setup(self) -> bool:
+        if self._warm_start_arg is False or torch._C._get_tracing_state() is not None:
+            return False
+        if self._warm_start_arg is True:
+            return True
+        defaults = self._init_loc_fn_arg[0] is init_to_median and not self._init_scale_given
+        # A member of an AutoGuideList would be fitted with the other members' sites at their priors.
+        listed = self.master is not None and isinstance(self.master(), AutoGuideList)
+        return defaults and not listed
 
     def _check_shapes(self, args: tuple, kwargs: dict) -> None:
         # New argument shapes are fine if the latent shapes do not change.

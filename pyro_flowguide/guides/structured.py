@@ -226,6 +226,7 @@ class AutoStructuredFlowGuide(AutoGuide):
         # Built now so that bad options fail here; used only for a model with globals only.
         scale = {} if init_scale is None else {"init_scale": init_scale}
         flow_options.setdefault("structure", "full")
+        flow_options.setdefault("warm_start", False)  # the structured guide starts at its initial values
         self._delegate_arg = (AutoFlowGuide(model, flow, init_loc_fn=init_loc_fn, **scale, **flow_options),)
         self._init_scale = DEFAULT_INIT_SCALE if init_scale is None else float(init_scale)
         self._hidden = hidden

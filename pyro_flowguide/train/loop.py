@@ -297,8 +297,10 @@ def fit(
             untrained and the fit is not resumed (``AutoFlowGuide``: the
             Gaussian stage of :func:`~pyro_flowguide.train.warm_start.gaussian_stage`,
             which fits the affine stage (the Gaussian the guide starts as) by L-BFGS; other
-            guides: none; not for a model with enumerated sites). ``False``
-            starts from the guide's initial values.
+            guides: none; not for a model with enumerated sites). A guide
+            that ran the stage in its first call (its ``warm_start`` option)
+            is not staged twice. ``False`` starts from the guide's initial
+            values: an ``AutoFlowGuide`` not yet set up then skips its own stage too.
 
     Returns:
         A :class:`FitResult`.
@@ -343,6 +345,8 @@ def fit(
     with warnings.catch_warnings():
         # The guard reports skipped steps itself; Pyro's per-step NaN warnings would repeat it.
         warnings.filterwarnings("ignore", message="Encountered NaN")
+        if not warm_start and getattr(guide, "prototype_trace", True) is None and hasattr(guide, "_warm_start_arg"):
+            guide._warm_start_arg = False  # the guide's own stage, in its first call, is the same start
         # One trace of guide and model: every parameter exists after it.
         traces = trace_model_and_guide(model, guide, args, kwargs)
         if loss is None:
@@ -375,7 +379,8 @@ def fit(
         # An enumerated model's objective is TraceEnum_ELBO's, which the stage does not use.
         enumerated = isinstance(loss, TraceEnum_ELBO)
         if warm_start and stage is not None and state.step == 0 and not enumerated and getattr(guide, "untrained", False):
-            started = stage(model, guide, args, kwargs)
+            # A guide that ran the stage in its first call starts from it already.
+            started = getattr(guide, "warm_start_result", None) or stage(model, guide, args, kwargs)
 
         _run(state, cbs)
     converged = None
