@@ -288,7 +288,7 @@ class GuideContractMixin:
     def affine_unit_tril(self) -> Tensor | None:
         """The unit lower-triangular factor of the affine stage, or ``None`` (diagonal)."""
         raw = self._view("scale_tril")
-        return None if raw is None else unit_tril(raw)
+        return None if raw is None else unit_tril(raw, self._factor_scaled)
 
     def affine_mask(self, names: Sequence[str] = ("loc", "log_scale")) -> Tensor:
         """A boolean mask over the packed parameter: True on the affine stage's tensors ``names``."""

@@ -121,9 +121,11 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
             are held at :math:`1/\sqrt{\text{fan-in}}` of their scale in the
             packed parameter (see :func:`~pyro_flowguide.guides.packing.fan_in_factor`),
             so that an optimiser step of lr moves each layer by about lr
-            relative to its size, as it moves the affine stage; ``None``: held
-            as they are (the flow's heads then move about ``hidden / 2`` times
-            faster than the affine stage).
+            relative to its size, as it moves the affine stage, and row
+            :math:`i` of the affine stage's triangular factor is held at
+            :math:`1/\sqrt{i}` (see :func:`~pyro_flowguide.guides.posterior.unit_tril`);
+            ``None``: both held as they are (the flow's heads then move about
+            ``hidden / 2`` times faster than the affine stage).
         structure: ``"auto"`` (the default): the full flow for fewer than
             :data:`~pyro_flowguide.guides.dispatch.STRUCTURED_MIN_DIM` latent
             coordinates, and for any size when one of the full flow's options
@@ -270,8 +272,11 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
         self._packing = Packing(named, flow if resolve_flow(self._flow_arg[0]).packable else None, factor)
         self._flow_has_params = any(True for _ in flow.parameters())
         self.flow = flow
+        self._factor_scaled = self._network_scale == "fan_in" and "scale_tril" in self._packing.named
         # The network scale is part of the name: the same numbers mean other weights under another scale.
         scaled = {"network_scale": self._network_scale} if self._network_scale else {}
+        if self._factor_scaled:
+            scaled["factor_scale"] = "fan_in"
         self._packed_name = packed_param_name(
             self._model_name, self._unconstrained_shapes, self.noncentered_sites,
             self._packing.layout(), self._flow_arg[0], {**self._hyper, **scaled},

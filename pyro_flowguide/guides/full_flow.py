@@ -42,6 +42,9 @@ def _parts_of(flow: nn.Module) -> list:
 class FullFlowPosterior:
     """The posterior over the flat latent of :class:`~pyro_flowguide.AutoFlowGuide`'s full flow, as a mixin."""
 
+    #: Whether the affine stage's factor is read with its rows at 1/sqrt(fan-in) (a guide pickled before there was a choice: no).
+    _factor_scaled = False
+
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
@@ -82,10 +85,10 @@ class FullFlowPosterior:
         # inside the guide's context registers them with the param store.
         self._packed()  # a param store loaded after set-up wins, as for Pyro's own guides
         if self.__dict__.get("_without_flow"):
-            return [affine_stage(self._packing.bind(self.packed))]
+            return [affine_stage(self._packing.bind(self.packed), self._factor_scaled)]
         views = self._bind(self.packed, self._modules["flow"])
         flow = self.flow if self._flow_has_params else self._modules["flow"]
-        return _parts_of(flow) + [affine_stage(views)]
+        return _parts_of(flow) + [affine_stage(views, self._factor_scaled)]
 
     def _bind(self, flat: Tensor, flow: nn.Module) -> dict[str, Tensor]:
         # Copies with one backward pass for a training call; views otherwise.
@@ -119,7 +122,7 @@ class FullFlowPosterior:
             shadow = self.__dict__["_shadow_flow"] = detached_copy(flow, self._packing, packed)
         relink(shadow, flow)
         views = self._bind(flat, shadow)
-        return _parts_of(shadow) + [affine_stage(views)]
+        return _parts_of(shadow) + [affine_stage(views, self._factor_scaled)]
 
     # ------------------------------------------------------------ draws
     def clear_cache(self) -> None:

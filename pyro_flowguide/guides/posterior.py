@@ -309,9 +309,29 @@ def _no_closed_form(moment: str) -> str:
     )
 
 
-def unit_tril(raw: Tensor) -> Tensor:
-    # What transform_to(constraints.unit_lower_cholesky) computes.
-    return raw.tril(-1) + _eye(raw.shape[-1], raw)
+def unit_tril(raw: Tensor, row_scaled: bool = False) -> Tensor:
+    """The unit lower-triangular factor whose strict lower triangle is ``raw``'s (``transform_to(unit_lower_cholesky)``).
+
+    With ``row_scaled``, row :math:`i` of that triangle is read at
+    :math:`1/\sqrt{i}` (its fan-in, as the flow's layers are read at theirs;
+    see :func:`~pyro_flowguide.guides.packing.fan_in_factor`): an optimiser
+    step of lr on every entry of a row then changes the row's norm, and the
+    spread it adds to that coordinate, by about lr, whatever the row's length.
+    """
+    low = raw.tril(-1)
+    if row_scaled:
+        low = low * _row_scale(raw.shape[-1], raw)
+    return low + _eye(raw.shape[-1], raw)
+
+
+@functools.lru_cache(maxsize=32)
+def _row_scale_of(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.arange(n, dtype=dtype, device=device).clamp(min=1).rsqrt().unsqueeze(-1)
+
+
+def _row_scale(n: int, like: Tensor) -> Tensor:
+    """``1/sqrt(max(i, 1))`` for row ``i``, as a column of ``like``'s dtype and device (made once)."""
+    return _row_scale_of(n, like.dtype, like.device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -370,6 +390,7 @@ def affine_parameters(init: Tensor, init_scale: float, covariance: str | None) -
     return named
 
 
-def affine_stage(views: dict[str, Tensor]) -> TrilAffine:
+def affine_stage(views: dict[str, Tensor], row_scaled: bool = False) -> TrilAffine:
+    """The affine stage of the packed views ``views`` (its factor read as :func:`unit_tril` says)."""
     raw = views.get("scale_tril")
-    return TrilAffine(views["loc"], views["log_scale"].exp(), None if raw is None else unit_tril(raw))
+    return TrilAffine(views["loc"], views["log_scale"].exp(), None if raw is None else unit_tril(raw, row_scaled))
