@@ -128,3 +128,4 @@ def test_fit_checkpoint_resumes_to_the_same_guide(kind, tmp_path):
     run(resume=False, stop=True)  # the first half, checkpointed at step 10
     resumed = run(resume=True)
     _same(whole, _draws(resumed, args))
+    assert resumed.warm_start_result is None  # restored from the checkpoint, not staged first

@@ -291,7 +291,7 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
             self._initial_fingerprint = packed_fingerprint(self._packed().detach())  # the stage is the start
 
     def _stages_at_setup(self) -> bool:
-        if self._warm_start_arg is False or torch._C._get_tracing_state() is not None:
+        if self._warm_start_arg is False or torch.jit.is_tracing():
             return False
         if self._warm_start_arg is True:
             return True

@@ -345,7 +345,10 @@ def fit(
     with warnings.catch_warnings():
         # The guard reports skipped steps itself; Pyro's per-step NaN warnings would repeat it.
         warnings.filterwarnings("ignore", message="Encountered NaN")
-        if not warm_start and getattr(guide, "prototype_trace", True) is None and hasattr(guide, "_warm_start_arg"):
+        resuming = resume and checkpoint is not None and os.path.exists(os.fspath(checkpoint))
+        if (resuming or not warm_start) and getattr(guide, "prototype_trace", True) is None and hasattr(
+            guide, "_warm_start_arg"
+        ):
             guide._warm_start_arg = False  # the guide's own stage, in its first call, is the same start
         # One trace of guide and model: every parameter exists after it.
         traces = trace_model_and_guide(model, guide, args, kwargs)
