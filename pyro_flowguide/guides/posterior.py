@@ -310,7 +310,7 @@ def _no_closed_form(moment: str) -> str:
 
 
 def unit_tril(raw: Tensor, row_scaled: bool = False) -> Tensor:
-    """The unit lower-triangular factor whose strict lower triangle is ``raw``'s (``transform_to(unit_lower_cholesky)``).
+    r"""The unit lower-triangular factor whose strict lower triangle is ``raw``'s (``transform_to(unit_lower_cholesky)``).
 
     With ``row_scaled``, row :math:`i` of that triangle is read at
     :math:`1/\sqrt{i}` (its fan-in, as the flow's layers are read at theirs;
