@@ -345,10 +345,10 @@ def fit(
     with warnings.catch_warnings():
         # The guard reports skipped steps itself; Pyro's per-step NaN warnings would repeat it.
         warnings.filterwarnings("ignore", message="Encountered NaN")
-        resuming = resume and checkpoint is not None and os.path.exists(os.fspath(checkpoint))
-        if (resuming or not warm_start) and getattr(guide, "prototype_trace", True) is None and hasattr(
-            guide, "_warm_start_arg"
-        ):
+        path = None if checkpoint is None else os.fspath(checkpoint)
+        resuming = resume and os.path.exists(path)
+        set_up = getattr(guide, "prototype_trace", True) is not None
+        if (resuming or not warm_start) and not set_up and hasattr(guide, "_warm_start_arg"):
             guide._warm_start_arg = False  # the guide's own stage, in its first call, is the same start
         # One trace of guide and model: every parameter exists after it.
         traces = trace_model_and_guide(model, guide, args, kwargs)
@@ -363,8 +363,7 @@ def fit(
         cbs = _default_callbacks(progress, checkpoint, checkpoint_every, callbacks)
 
         if resume:
-            path = os.fspath(checkpoint)
-            if os.path.exists(path):
+            if resuming:
                 state.signature = fit_signature(guide, *traces)
                 payload = load_checkpoint(path)
                 check_resumable(state, payload, path)
