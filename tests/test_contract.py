@@ -137,6 +137,46 @@ def test_median_is_quantile_half_repeatable_and_leaves_the_rng_alone():
         assert (wide[name][0] <= wide[name][2]).all()
 
 
+def _plated(n):
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.MultivariateNormal(torch.zeros(5), torch.eye(5)))
+        with pyro.plate("plate", n):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    return model
+
+
+def test_median_at_set_up_is_the_initial_point():
+    # The guide starts as a Gaussian about its initial point, so its median
+    # there is that point: the summary draws come in antithetic pairs.
+    pyro.clear_param_store()
+    torch.manual_seed(4)
+    inits = {"x": torch.randn(()), "y": torch.randn(5), "z": torch.randn(3)}
+    guide = AutoFlowGuide(_plated(3), init_loc_fn=lambda site: inits[site["name"]])
+    guide()
+    median = guide.median()
+    for name, value in inits.items():
+        torch.testing.assert_close(median[name], value, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("plate_size", [3, 100])  # the full flow, the structured posterior
+@pytest.mark.parametrize("init_scale", [0.1, 1e-4])
+def test_loc_scale_estimates_the_unconstrained_mean_and_sd(plate_size, init_scale):
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(_plated(plate_size), init_scale=init_scale)
+    guide()
+    assert (guide.structured is not None) == (plate_size == 100)
+    loc, scale = guide._loc_scale()
+    assert loc.shape == scale.shape == (6 + plate_size,)
+    init = torch.cat([guide.median()[name].reshape(-1) for name in ("x", "y", "z")])
+    torch.testing.assert_close(loc, init, rtol=0, atol=0.1 * init_scale)
+    rms = scale.pow(2).mean().sqrt().item()
+    assert 0.9 * init_scale < rms < 1.1 * init_scale
+    again = guide._loc_scale()
+    assert torch.equal(again[0], loc) and torch.equal(again[1], scale)
+
+
 # ------------------------------------------------------------- attributes
 @pytest.mark.parametrize("name", ["loc", "scale", "scale_tril"])
 def test_gaussian_attributes_say_what_to_use(name):

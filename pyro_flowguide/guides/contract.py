@@ -23,7 +23,7 @@ from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
 from torch import Tensor, nn
 
-from .posterior import unit_tril
+from .posterior import forward_with_ladj, unit_tril
 from .sites import GuideSetupError
 
 __all__ = [
@@ -324,13 +324,30 @@ class GuideContractMixin:
     # ------------------------------------------------------------ summaries
     @torch.no_grad()
     def _summary_latent(self, args: tuple, kwargs: dict) -> Tensor:
-        """``summary_draws`` flat latents drawn with ``summary_seed``, the global random state untouched."""
+        """``summary_draws`` flat latents drawn with ``summary_seed``, the global random state untouched.
+
+        The base draws come in antithetic pairs (each draw and its negation), so
+        the summaries of a posterior symmetric about its centre (the Gaussian
+        the guide starts as, among others) are exact at that centre.
+        """
         posterior = self.get_posterior(*args, **kwargs)
         with torch.random.fork_rng(devices=rng_devices()):
             torch.manual_seed(self.summary_seed)
-            latent = posterior.sample((self.summary_draws,))
+            half = posterior.base.sample(((self.summary_draws + 1) // 2,))
+            latent = forward_with_ladj(posterior.parts, torch.cat([half, -half]))[0]
             self.clear_cache()
             return self._centered_latent(latent, args, kwargs)
+
+    @torch.no_grad()
+    def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """The posterior mean and standard deviation of each flat unconstrained coordinate, from the summary draws.
+
+        Pyro's Gaussian autoguides return their closed-form moments here; a flow
+        has none, so these are estimates from the same ``summary_draws`` seeded
+        draws as :meth:`quantiles` (the same on every call).
+        """
+        latent = self._summary_latent(args, kwargs)
+        return latent.mean(0), latent.std(0)
 
     @torch.no_grad()
     def quantiles(self, quantiles: Sequence[float] | Tensor, *args: Any, **kwargs: Any) -> dict[str, Tensor]:

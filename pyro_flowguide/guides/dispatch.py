@@ -129,6 +129,10 @@ class StructureDispatch:
         """The posterior median of each latent site: ``quantiles([0.5])``."""
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
 
+    def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        inner = self._set_up(args, kwargs)
+        return super()._loc_scale(*args, **kwargs) if inner is None else inner._loc_scale(*args, **kwargs)
+
     def get_posterior(self, *args: Any, **kwargs: Any):
         """The full flow's posterior over the flat latent (see :class:`~pyro_flowguide.guides.full_flow.FullFlowPosterior`)."""
         if self._set_up(args, kwargs) is not None:

@@ -323,11 +323,6 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
             self._model, self._bare_model, self.master = links
         return state
 
-    def _loc_scale(self, *args: Any, **kwargs: Any):
-        raise NotImplementedError(
-            "AutoFlowGuide has no closed-form loc/scale; use quantiles() or sample_posterior()"
-        )
-
 
 def build_flow(flow: Any, dim: int, hyper: dict) -> nn.Module:
     """The guide's flow over ``dim`` standardised coordinates, at the identity (see :class:`AutoFlowGuide`'s ``flow``)."""

@@ -410,10 +410,7 @@ class AutoStructuredFlowGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         if self.delegate is not None:
             return self.delegate.quantiles(quantiles, *args, **kwargs)
-        unconstrained: dict = {}
-        with torch.random.fork_rng(devices=rng_devices()):
-            torch.manual_seed(self.summary_seed)
-            self._draws(self.summary_draws, args, kwargs, keep=unconstrained)
+        unconstrained = summary_unconstrained(self, args, kwargs)
         out = {}
         for name, info in self._sites.items():
             flat = unconstrained[name]
@@ -424,6 +421,16 @@ class AutoStructuredFlowGuide(AutoGuide):
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """The posterior median of each latent site: ``quantiles([0.5])``."""
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
+
+    @torch.no_grad()
+    def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """The posterior mean and standard deviation of each unconstrained coordinate (sites in model order), estimated as :meth:`quantiles` is."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.delegate is not None:
+            return self.delegate._loc_scale(*args, **kwargs)
+        flat = torch.cat(list(summary_unconstrained(self, args, kwargs).values()), -1)
+        return flat.mean(0), flat.std(0)
 
     def site_groups(self) -> dict[str, tuple[str, ...]]:
         """How the latent sites were split (after set-up): ``{"global": ..., "local": ..., "chain": ...}``."""
@@ -441,3 +448,12 @@ class AutoStructuredFlowGuide(AutoGuide):
             return dict(super().__getstate__())
         finally:
             self._model, self.master = links
+
+
+def summary_unconstrained(guide: AutoStructuredFlowGuide, args: tuple, kwargs: dict) -> dict[str, Tensor]:
+    """``summary_draws`` unconstrained draws per site (model order), ``(n, numel)``, seeded on a fork of the random state."""
+    unconstrained: dict = {}
+    with torch.random.fork_rng(devices=rng_devices()):
+        torch.manual_seed(guide.summary_seed)
+        guide._draws(guide.summary_draws, args, kwargs, keep=unconstrained)
+    return {name: unconstrained[name] for name in guide._sites}
