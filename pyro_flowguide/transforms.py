@@ -398,6 +398,7 @@ def flow_transform(
                 f"{type(flow).__name__}; pass a registry name or the class instead"
             )
         lazy = flow.transform if isinstance(flow, zuko.lazy.Flow) else flow
+        _check_built_size(lazy, type(flow).__name__, features, context)
     else:
         raise TypeError(
             "flow must be a registry name, a Zuko Flow class or instance, or a Zuko "
@@ -414,6 +415,24 @@ def flow_transform(
     if context > 0:
         return ConditionalFlowTransform(lazy, features, context, direction, spec)
     return FlowTransform(lazy, features, direction, spec)
+
+
+def _check_built_size(lazy: nn.Module, kind: str, features: int, context: int) -> None:
+    """Raises unless an already built flow maps ``features`` coordinates (given ``context`` numbers)."""
+    param = next(lazy.parameters(), None)
+    like = {"dtype": param.dtype} if param is not None else {}
+    try:
+        with torch.no_grad():
+            y = lazy(torch.zeros(context, **like) if context else None)(torch.zeros(features, **like))
+        ok = tuple(y.shape) == (features,)
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"the given {kind} was not built for {features} feature(s) and a context of {context}, the "
+            f"sizes it is used at here; build it with features={features}, context={context}, or pass "
+            "the family's registry name or class and let the guide size it"
+        )
 
 
 def flow_cache_clearers(module: nn.Module) -> list:

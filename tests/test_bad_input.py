@@ -329,3 +329,48 @@ def test_guide_refuses_10000_latents_before_building(monkeypatch):
 
     with pytest.raises(GuideSetupError, match="SplineMAF"):
         AutoFlowGuide(wide, hidden_features=(64, 64))()
+
+
+# ------------------------------------------- E: the probe's remaining cases
+def test_built_flow_of_another_size_is_named():
+    built = get_flow("MAF").make(3, transforms=2, hidden_features=(16,))
+    with pytest.raises(ValueError, match="MAF.*2 feature.*features=2"):
+        flow_transform(built, features=2)
+    assert flow_transform(get_flow("MAF").make(2, transforms=1), features=2) is not None
+
+
+@pytest.mark.parametrize("num_samples", [0, -1, 2.5, True])
+def test_sample_posterior_refuses_a_bad_count(num_samples, data):
+    guide = AutoFlowGuide(regression)
+    guide(*data)
+    with pytest.raises(ValueError, match="num_samples must be a whole number >= 1"):
+        guide.sample_posterior(num_samples, *data)
+
+
+def test_misspelt_initial_value_is_reported(data):
+    guide = AutoFlowGuide(regression, init_loc_fn=init_to_value(values={"sigma": torch.tensor(1.0)}))
+    with pytest.warns(UserWarning, match="'sigma', which is not a latent site.*a, s"):
+        guide(*data)
+
+
+def _same_sites(shift):
+    def model(x, y=None):
+        a = pyro.sample("a", dist.Normal(shift, 1.0))
+        s = pyro.sample("s", dist.HalfNormal(1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(a + x, s), obs=y)
+
+    return model
+
+
+def test_second_model_with_the_same_name_and_sites_is_refused(data):
+    pyro.clear_param_store()
+    first, second = _same_sites(0.0), _same_sites(5.0)
+    guide_a = AutoFlowGuide(first)
+    guide_a(*data)
+    with pytest.raises(GuideSetupError, match="another model also named 'model'.*clear_param_store"):
+        AutoFlowGuide(second)(*data)
+    again = AutoFlowGuide(first)  # a second guide of the same model shares the parameter, as in Pyro
+    again(*data)
+    assert again.packed is guide_a.packed
+    del guide_a, again

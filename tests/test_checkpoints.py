@@ -75,7 +75,7 @@ def test_checkpoint_of_a_differently_configured_guide_is_refused(tmp_path):
     _write(path)
     # Same parameters and model, but the checkpoint says it came from another guide configuration.
     _rewrite(path, lambda p: p["signature"]["guide"].append("noncentered_sites: ['z']"))
-    with pytest.raises(CheckpointModelMismatchError, match="guide differ.*noncentered_sites"):
+    with pytest.raises(CheckpointModelMismatchError, match="guide's options differ.*noncentered_sites"):
         _resume(path)
 
 
@@ -163,3 +163,17 @@ def test_resuming_with_more_steps_decays_to_the_final_lr_over_the_new_steps(tmp_
         result = _resume(path, steps=300, callbacks=[seen])
     assert result.steps == 300
     assert len(seen.lrs) == 1 and math.isclose(seen.lrs.pop(), DEFAULT_FINAL_LR, rel_tol=1e-4)
+
+
+def test_checkpoint_of_a_non_centred_guide_names_the_option(tmp_path):
+    from pyro_flowguide import AutoFlowGuide
+    from pyro_flowguide.examples import eight_schools_centered
+
+    path = tmp_path / "ckpt.pt"
+    pyro.clear_param_store()
+    fit(eight_schools_centered, AutoFlowGuide(eight_schools_centered, noncentered=["theta"]), steps=3,
+        progress=False, seed=0, checkpoint=path, warm_start=False)
+    pyro.clear_param_store()
+    with pytest.raises(CheckpointModelMismatchError, match="guide's options differ.*noncentered"):
+        fit(eight_schools_centered, AutoFlowGuide(eight_schools_centered, noncentered=False), steps=5,
+            progress=False, checkpoint=path, resume=True)

@@ -318,9 +318,9 @@ def test_checkpoint_loads_weights_only_and_refuses_other_models(tmp_path):
             pyro.sample("y", dist.Normal(w.sum(-1, keepdim=True), 1.0), obs=y)
 
     pyro.clear_param_store()
-    with pytest.raises(CheckpointMismatchError, match="AutoNormal.locs.z") as info:
+    with pytest.raises(CheckpointMismatchError, match="latent sites of the model differ") as info:
         fit(other, AutoNormal(other), DATA, steps=10, progress=False, checkpoint=path, resume=True)
-    assert "AutoNormal.locs.w" in str(info.value)
+    assert "'z" in str(info.value) and "'w" in str(info.value)
 
 
 _KILL_SCRIPT = textwrap.dedent(
@@ -517,6 +517,24 @@ def test_enumerated_discrete_sites_train_with_trace_enum_elbo(recwarn):
     assert torch.isfinite(losses).all() and losses[-20:].mean() < losses[:20].mean()
     locs = pyro.param("AutoDelta.locs").detach().sort().values
     assert torch.allclose(locs, torch.tensor([0.5, 11.0]), atol=0.5)
+
+
+def test_a_loss_that_ignores_enumerated_sites_is_refused():
+    guide = AutoDelta(poutine.block(gmm, expose=["weights", "locs", "scale"]), init_loc_fn=_gmm_init)
+    with pytest.raises(ValueError, match="enumerates site.*'assignment'.*TraceEnum_ELBO"):
+        fit(gmm, guide, GMM_DATA, steps=2, loss=pyro.infer.Trace_ELBO(), progress=False)
+
+
+@pytest.mark.parametrize("steps", [2.5, -1, "10", True])
+def test_steps_must_be_a_whole_number(steps):
+    with pytest.raises(ValueError, match="steps must be a whole number"):
+        fit(model, AutoNormal(model), DATA, steps=steps, progress=False)
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.01, float("nan")])
+def test_a_learning_rate_that_cannot_train_is_refused(lr):
+    with pytest.raises(ValueError, match=f"lr must be a finite number > 0, got {lr}"):
+        fit(model, AutoNormal(model), DATA, steps=5, optim=pyro.optim.ClippedAdam({"lr": lr}), progress=False)
 
 
 def test_an_unconverged_run_warns_and_says_so():

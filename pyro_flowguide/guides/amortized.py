@@ -44,7 +44,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
 from ..tracing import max_plate_nesting
-from .contract import SeededSummaries, picklable, store_sync
+from .contract import SeededSummaries, checked_num_samples, picklable, store_sync
 from .flow_guide import DEFAULT_FLOW, AutoFlowGuide
 from .local import (
     build_layer,
@@ -372,10 +372,10 @@ class AutoAmortizedFlowGuide(SeededSummaries, AutoGuide):
     def sample_posterior(self, num_samples: int, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Draws ``num_samples`` posterior samples of every latent site for the given data.
 
-        Returns a dict mapping site names to tensors of shape ``(num_samples,) +
-        site shape`` (local sites: one column per datum of the plate; call the
-        model without subsampling to get every datum).
+        Returns site name -> ``(num_samples,) + site shape`` (local sites: one column
+        per datum of the plate; call the model without subsampling for every datum).
         """
+        num_samples = checked_num_samples(num_samples, self)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         else:

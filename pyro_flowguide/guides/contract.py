@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import numbers
 import pickle
 import warnings
 import weakref
@@ -28,8 +29,11 @@ from .sites import GuideSetupError
 
 __all__ = [
     "GuideContractMixin", "SeededSummaries", "StoreSync", "gaussian_attribute_error", "rng_devices", "store_sync",
-    "packed_fingerprint", "packed_param_name", "picklable",
+    "packed_fingerprint", "packed_param_name", "picklable", "checked_num_samples",
 ]
+
+#: The live guide that set up each packed parameter name (to refuse a second model's guide under it).
+_STORE_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 #: What the Gaussian guides' attributes hold there; a flow guide has no closed form for them.
 GAUSSIAN_ATTRIBUTES = {
@@ -202,6 +206,16 @@ def store_sync(guide: nn.Module) -> StoreSync:
     return sync
 
 
+def checked_num_samples(num_samples: Any, guide: Any) -> int:
+    """``num_samples`` of ``sample_posterior`` as an int, refused unless it is a whole number >= 1."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(
+            f"{type(guide).__name__}.sample_posterior: num_samples must be a whole number >= 1 "
+            f"(the number of joint draws), got {num_samples!r}"
+        )
+    return int(num_samples)
+
+
 def rng_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
@@ -255,6 +269,16 @@ class GuideContractMixin:
                 "from another version was loaded). Call pyro.clear_param_store(), or delete "
                 f"that entry (del pyro.get_param_store()[{fullname!r}]), before building this guide."
             )
+        owner = _STORE_OWNERS.get(fullname)
+        models = getattr(owner, "_bare_model", None), self.__dict__.get("_bare_model")
+        if held is not None and owner is not None and owner is not self and None not in models and models[0][0] is not models[1][0]:
+            raise GuideSetupError(
+                f"the param store holds {fullname!r} for another AutoFlowGuide, of another model also named "
+                f"{self._model_name!r} with the same sites: the two guides would share one parameter, and "
+                "fitting one would move the other. Give the models distinct names, or call "
+                "pyro.clear_param_store() before building this guide if the other one is done with."
+            )
+        _STORE_OWNERS[fullname] = self
         return held is not None
 
     def _packed(self) -> Tensor:

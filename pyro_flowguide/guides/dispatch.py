@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .contract import checked_num_samples
 from .sites import GuideSetupError
 
 __all__ = ["FULL_FLOW_OPTIONS", "STRUCTURED_MIN_DIM", "STRUCTURES", "StructureDispatch", "check_structure"]
@@ -115,6 +116,7 @@ class StructureDispatch:
 
     def sample_posterior(self, num_samples: int, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Draws ``num_samples`` posterior samples of every latent site, ``(num_samples,) + site shape``."""
+        num_samples = checked_num_samples(num_samples, self)
         inner = self._set_up(args, kwargs)
         if inner is None:
             return super().sample_posterior(num_samples, *args, **kwargs)

@@ -28,13 +28,15 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoGuideList
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch import nn
 
 from ..flows.registry import resolve_flow
@@ -64,6 +66,7 @@ __all__ = [
     "GuideSetupError",
     "STL_MAX_DIM",
     "build_flow",
+    "warn_unused_init_values",
 ]
 
 #: The family used when ``flow`` is not given.
@@ -241,6 +244,7 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
                 "plates (pyro.plate with a dim, used as a context manager)."
             ) from None
         check_flow_sites(self.prototype_trace, self._model_name, self._refused_support)
+        warn_unused_init_values(self._init_loc_fn_arg[0], self.prototype_trace, self._model_name)
         # The prototype trace hides observed sites, so the model is traced once more.
         self._signature = check_setup_trace(
             self.model, self._bare_model[0], self._model_name, self.prototype_trace, args, kwargs
@@ -322,6 +326,26 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
         finally:
             self._model, self._bare_model, self.master = links
         return state
+
+
+def warn_unused_init_values(init_loc_fn: Any, trace: Any, model_name: str) -> None:
+    """Warns when ``init_to_value(values=...)`` names sites that are not latent sites of the traced model.
+
+    A warning, not an error: a member of an ``AutoGuideList`` sees only its own
+    sites, and may share one ``values`` dict with the other members.
+    """
+    if not (isinstance(init_loc_fn, functools.partial) and init_loc_fn.func is init_to_value):
+        return
+    latent = [n for n, site in trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]]
+    unused = sorted(set(init_loc_fn.keywords.get("values", {})) - set(latent))
+    if unused:
+        warnings.warn(
+            f"model {model_name!r}: init_to_value names {', '.join(map(repr, unused))}, which "
+            f"{'is not a latent site' if len(unused) == 1 else 'are not latent sites'} of the model "
+            f"(its latent sites: {', '.join(latent)}); the value is not used. Check the spelling.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def build_flow(flow: Any, dim: int, hyper: dict) -> nn.Module:

@@ -51,7 +51,7 @@ from torch.distributions import Transform
 
 from ..flows.registry import resolve_flow
 from ..transforms import clear_flow_caches
-from .contract import rng_devices, store_sync
+from .contract import checked_num_samples, rng_devices, store_sync
 from .flow_guide import DEFAULT_FLOW, AutoFlowGuide
 from .sites import (
     GuideSetupError,
@@ -390,6 +390,7 @@ class AutoStructuredFlowGuide(AutoGuide):
 
     def sample_posterior(self, num_samples: int, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """``num_samples`` joint posterior draws of every latent site, ``(num_samples,) + site shape``."""
+        num_samples = checked_num_samples(num_samples, self)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         if self.delegate is not None:

@@ -329,7 +329,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 def _check_signature(saved: dict, current: dict, path: str) -> None:
     parts = []
-    for part, what in (("model", "latent sites of the model"), ("guide", "guide")):
+    for part, what in (("model", "latent sites of the model"), ("guide", "guide's options")):
         old, new = list(saved.get(part, [])), list(current.get(part, []))
         if old == new:
             continue
@@ -389,9 +389,10 @@ def check_resumable(state: FitState, payload: dict, path: str) -> None:
         CheckpointModelMismatchError: other parameters, latent sites or guide configuration.
         CheckpointNonFiniteError: its parameters hold NaN/inf.
     """
-    _check_params_match(payload["params"], path)
+    # The signature first: it names the sites and guide options that differ.
     if state.signature is not None:
         _check_signature(payload["signature"], state.signature, path)
+    _check_params_match(payload["params"], path)
     _check_finite(payload, path)
 
 

@@ -36,6 +36,7 @@ from pyro.infer import SVI, TraceEnum_ELBO
 from pyro.optim import PyroOptim
 
 from .callbacks import Callback, Checkpoint, ClearFlowCaches, NonFiniteGuard, ProgressBar
+from .arguments import check_loss_enumerates, check_lr, checked_steps, enumerated_sites
 from .checkpoints import check_resumable, fit_signature, load_checkpoint, restore
 from .defaults import DEFAULT_CHECKPOINT_EVERY, DEFAULT_NUM_PARTICLES, DEFAULT_STEPS
 from .defaults import default_optim, geometric_decay, training_defaults
@@ -133,19 +134,6 @@ class FitResult:
 # --------------------------------------------------------------------------- loss selection
 
 
-def _enumerated_sites(guide_trace, model_trace) -> list[str]:
-    """Discrete model sites marked for parallel enumeration that the guide does not sample."""
-    return [
-        name
-        for name, site in model_trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and site["infer"].get("enumerate") == "parallel"
-        and getattr(site["fn"], "has_enumerate_support", False)
-        and name not in guide_trace.nodes
-    ]
-
-
 def _enum_elbo(guide, num_particles: int, vectorize_particles: bool, max_plate_nesting: int):
     return TraceEnum_ELBO(
         num_particles=num_particles,
@@ -165,7 +153,7 @@ def _choose_loss(model, guide, args, kwargs, traces, num_particles: int | None, 
     if num_particles is None:
         num_particles = training_defaults(guide).num_particles
         sequential = min(num_particles, DEFAULT_NUM_PARTICLES)
-    build = _enum_elbo if _enumerated_sites(*traces) else training_defaults(guide).loss
+    build = _enum_elbo if enumerated_sites(*traces) else training_defaults(guide).loss
     make = functools.partial(build, guide)
     if not (vectorize and num_particles > 1):
         return make(sequential, False, max_plate_nesting), False
@@ -323,9 +311,7 @@ def fit(
         >>> len(result.losses), result.num_particles, result.vectorized
         (100, 4, True)
     """
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    steps = checked_steps(steps)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=<path> to resume from")
     default_schedule = optim is None
@@ -336,6 +322,7 @@ def fit(
             f"optim must be a pyro.optim optimiser, got {type(optim).__name__}; wrap a torch "
             "optimiser as pyro.optim.Adam({'lr': 1e-2}) or pyro.optim.ClippedAdam({...})"
         )
+    check_lr(optim)
     start = time.perf_counter()
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -356,6 +343,7 @@ def fit(
             loss, vectorized = _choose_loss(model, guide, args, kwargs, traces, num_particles, vectorize_particles)
             particles = loss.num_particles
         else:
+            check_loss_enumerates(loss, traces)
             particles = getattr(loss, "num_particles", None)
             vectorized = getattr(loss, "vectorize_particles", None)
         svi = GuardedSVI(model, guide, optim, loss)

@@ -1,0 +1,53 @@
+"""What :func:`~pyro_flowguide.fit` checks in its arguments before it trains: steps, learning rate, loss."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from pyro.infer import TraceEnum_ELBO
+from pyro.optim import PyroOptim
+
+__all__ = ["check_loss_enumerates", "check_lr", "checked_steps", "enumerated_sites"]
+
+
+def enumerated_sites(guide_trace, model_trace) -> list[str]:
+    """Discrete model sites marked for parallel enumeration that the guide does not sample."""
+    return [
+        name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and site["infer"].get("enumerate") == "parallel"
+        and getattr(site["fn"], "has_enumerate_support", False)
+        and name not in guide_trace.nodes
+    ]
+
+
+def checked_steps(steps: Any) -> int:
+    """``steps`` as an int, refused when it is not a whole number >= 0."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"fit: steps must be a whole number >= 0, got {steps!r}")
+    return int(steps)
+
+
+def check_lr(optim: PyroOptim) -> None:
+    """Refuses a fixed learning rate that cannot train (zero, negative or not finite)."""
+    lr = optim.pt_optim_args.get("lr") if isinstance(optim.pt_optim_args, dict) else None
+    if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ValueError(
+            f"fit: the optimiser's lr must be a finite number > 0, got {lr!r}; Pyro's tutorials use "
+            "Adam({'lr': 1e-3}) to Adam({'lr': 0.1}). To score a guide without training, use steps=0."
+        )
+
+
+def check_loss_enumerates(loss: Any, traces: tuple) -> None:
+    """Refuses a loss that would draw the model's enumerated sites from their priors."""
+    enumerated = enumerated_sites(*traces)
+    if enumerated and not isinstance(loss, TraceEnum_ELBO):
+        raise ValueError(
+            f"fit: the model enumerates site(s) {', '.join(map(repr, sorted(enumerated)))}, which "
+            f"{type(loss).__name__} would draw from their priors (a biased objective); pass "
+            "loss=pyro.infer.TraceEnum_ELBO(max_plate_nesting=...) or leave loss unset for fit to choose it."
+        )
