@@ -1211,6 +1211,9 @@ def _():
     guide = fitted()
     idata = pfg.to_inference_data(regression, guide, X, num_samples=20)
     groups = list(getattr(idata, "groups", lambda: list(idata.children))())
+    w = warned("observes no site")
+    if w:
+        works(f"warned: {w}")
     silent(f"returned groups {groups} for a model call with y=None (no observed data, no log-likelihood)")
 
 

@@ -259,13 +259,26 @@ def branching():
 def test_stochastic_control_flow_named():
     up = poutine.condition(branching, data={"c": torch.tensor(1.0)})
     down = poutine.condition(branching, data={"c": torch.tensor(-1.0)})
-    names = ["c", "b"]
     check_latent_names(["b"], trace_of(up), "branching")  # c is observed when conditioned
     with pytest.raises(GuideSetupError, match="'b'.*stochastic control flow"):
         check_latent_names(["b"], trace_of(down), "branching")
     pyro.set_rng_seed(0)
+    prototype = next(t for t in (trace_of(branching) for _ in range(50)) if "b" in t.nodes)  # c and b latent
     with pytest.raises(GuideSetupError, match="'b'"):
-        check_stable_sites(branching, names, "branching", (), {}, runs=20)
+        check_stable_sites(branching, prototype, "branching", (), {}, runs=20)
+
+
+def dependent_support(y=None):
+    b = pyro.sample("b", dist.Gamma(2.0, 1.0))
+    u = pyro.sample("u", dist.Uniform(0.0, b))
+    pyro.sample("x", dist.Normal(u, 0.2), obs=torch.tensor(0.8))
+
+
+def test_support_that_follows_another_latent_is_named():
+    with pytest.raises(GuideSetupError, match="support of latent site 'u' changes.*u_unit"):
+        AutoFlowGuide(dependent_support)()
+    fixed = AutoFlowGuide(regression)  # bounds from data or constants are fixed: accepted
+    fixed(torch.randn(5), torch.randn(5))
 
 
 def test_guide_names_shape_from_int_argument():
@@ -374,3 +387,86 @@ def test_second_model_with_the_same_name_and_sites_is_refused(data):
     again(*data)
     assert again.packed is guide_a.packed
     del guide_a, again
+
+
+def test_model_that_is_not_callable_is_named():
+    with pytest.raises(TypeError, match=r"model must be the Pyro model \(a callable\), got a Tensor"):
+        AutoFlowGuide(torch.zeros(3))
+
+
+def test_fit_refuses_a_guide_built_for_another_model(data):
+    from pyro_flowguide import fit
+
+    def other(x, y=None):
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        t = pyro.sample("t", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(b * x, t), obs=y)
+
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(regression)
+    with pytest.raises(ValueError, match="the guide samples 'a', 's'.*latent sites: b, t.*another model"):
+        fit(other, guide, *data, steps=2, progress=False)
+
+
+def test_observed_data_that_do_not_fit_the_likelihood_are_named(data):
+    x, y = data
+
+    def gamma(y):
+        r = pyro.sample("r", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("obs", y.shape[0]):
+            pyro.sample("y", dist.Gamma(2.0, r), obs=y)
+
+    with pytest.raises(GuideSetupError, match="observed site 'y': 1 of its 3 data are outside the support"):
+        AutoFlowGuide(gamma)(torch.tensor([1.0, -0.5, 2.0]))
+    with pytest.raises(GuideSetupError, match=r"observed site 'y': its data have shape \(49,\).*\(50,\)"):
+        AutoFlowGuide(regression)(x, y[:49])
+
+
+def test_data_of_the_wrong_type_are_named(data):
+    x, y = data
+
+    def coin(y):
+        p = pyro.sample("p", dist.Beta(1.0, 1.0))
+        with pyro.plate("flips", len(y)):
+            pyro.sample("y", dist.Bernoulli(p), obs=y)
+
+    with pytest.raises(GuideSetupError, match=r"observed site 'y': its data are booleans.*data\.float\(\)"):
+        AutoFlowGuide(coin)(torch.tensor([True, False, True]))
+    with pytest.raises(GuideSetupError, match="observed site 'y': its data are a numpy.ndarray.*torch.as_tensor"):
+        AutoFlowGuide(regression)(x, y.numpy())
+    with pytest.raises(GuideSetupError, match=r"'x' \(a list\), 'y' \(a list\) are not tensors.*torch.as_tensor"):
+        AutoFlowGuide(regression)(x.tolist(), y.tolist())
+
+
+def test_sequential_plate_is_named():
+    def sequential(y):
+        for i in pyro.plate("rows", len(y)):
+            z = pyro.sample(f"z_{i}", dist.Normal(0.0, 1.0))
+            pyro.sample(f"y_{i}", dist.Normal(z, 1.0), obs=y[i])
+
+    with pytest.raises(GuideSetupError, match="plate 'rows' around site 'z_0'.*vectorised plates"):
+        AutoFlowGuide(sequential)(torch.zeros(3))
+
+
+def test_state_dict_of_another_model_is_named(data):
+    pyro.clear_param_store()
+    source = AutoFlowGuide(regression)
+    source(*data)
+    state = source.state_dict()
+    pyro.clear_param_store()
+    target = AutoFlowGuide(simplex_model)
+    target()
+    with pytest.raises(GuideSetupError, match="does not fit the AutoFlowGuide of model 'simplex_model'.*size mismatch"):
+        target.load_state_dict(state)
+
+
+def test_to_inference_data_with_data_of_another_shape_says_what_to_pass(data):
+    from pyro_flowguide import to_inference_data
+
+    x, y = data
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(regression)
+    guide(x, y)
+    with pytest.raises(ValueError, match="to_inference_data: .*site 'y'.*same data, of the same shapes"):
+        to_inference_data(regression, guide, x, y[:10], num_samples=10)

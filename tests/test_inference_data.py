@@ -169,3 +169,16 @@ def test_the_current_argument_order_does_not_warn():
         idata = to_inference_data(regression, guide, x, g, y, num_samples=10)
     assert not [w for w in caught if "to_inference_data" in str(w.message)], [str(w.message) for w in caught]
     assert idata.posterior["a"].shape == (2, 5, 3)
+
+
+def test_a_call_without_the_data_warns_that_nothing_is_observed():
+    x, g, y = _data()
+    pyro.clear_param_store()
+    guide = AutoNormal(regression)
+    guide(x, g, y)
+    with pytest.warns(UserWarning, match="observes no site.*to_inference_data\\(model, guide, x, y\\)"):
+        idata = to_inference_data(regression, guide, x, g, num_samples=20)
+    assert "observed_data" not in group_names(idata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        to_inference_data(regression, guide, x, g, y, num_samples=20)

@@ -131,7 +131,14 @@ def to_inference_data(
             stacklevel=2,
         )
         model, guide = guide, model
-    draws: Draws = draw_from_guide(model, guide, args, kwargs, num_samples)
+    try:
+        draws: Draws = draw_from_guide(model, guide, args, kwargs, num_samples)
+    except ValueError as error:
+        first = " ".join(str(error).strip().splitlines()[:2])[:300] or type(error).__name__
+        raise ValueError(
+            f"to_inference_data: {first}. Pass the arguments of the model call the guide was fitted "
+            "with (the same data, of the same shapes)."
+        ) from error
     psis = psis_from_draws(draws)
     proto = draws.proto_model_trace
 
@@ -150,6 +157,14 @@ def to_inference_data(
         coords.update(site_coords)
         posterior[name] = to_chains(np_(value))
     observed = {name: proto.nodes[name] for name in draws.log_likelihood}
+    if not observed:
+        warnings.warn(
+            "to_inference_data: the model, called with these arguments, observes no site, so the "
+            "result has no observed_data or log_likelihood group and k-hat scores the prior. Pass "
+            "the data as for fit (e.g. to_inference_data(model, guide, x, y)).",
+            UserWarning,
+            stacklevel=2,
+        )
     for name, site in observed.items():
         shape = tuple(site["value"].shape)
         dims[name], site_coords = _site_dims(name, site, shape, len(shape) - len(site["fn"].event_shape))

@@ -330,6 +330,18 @@ class GuideContractMixin:
         held = self.__dict__.get("_initial_fingerprint")
         return held is not None and held == packed_fingerprint(self._packed())
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, with an error that says which guide a state dict fits."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            raise GuideSetupError(
+                f"this state dict does not fit the AutoFlowGuide of model {self._model_name!r} "
+                f"({str(error).strip().splitlines()[-1].strip()[:300]}): it was saved from a guide of another "
+                "model, sites or options, or before set-up. Load it into a guide built the same way and set "
+                "up by one call with the same data, or rebuild the guide for this model."
+            ) from error
+
     @contextlib.contextmanager
     def without_flow(self) -> Iterator[Any]:
         """Within this context the guide is its affine stage alone.

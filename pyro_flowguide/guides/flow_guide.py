@@ -66,6 +66,7 @@ __all__ = [
     "GuideSetupError",
     "STL_MAX_DIM",
     "build_flow",
+    "sequential_plate",
     "warn_unused_init_values",
 ]
 
@@ -182,6 +183,8 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
         self._warm_start_arg = warm_start
         self._init_scale_given = init_scale is not None
         init_scale = 1.0 if init_scale is None else init_scale
+        if not callable(model):
+            raise TypeError(f"AutoFlowGuide(model, ...): model must be the Pyro model (a callable), got a {type(model).__name__}")
         self._noncentered_arg = check_options(noncentered, init_scale, estimator, covariance)
         defaults = {"flow": DEFAULT_FLOW, "covariance": None, "hidden_features": None, "transforms": None,
                     "estimator": "auto", "noncentered": "auto", "network_scale": "fan_in"}
@@ -240,8 +243,8 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
                 AutoGuide._setup_prototype(self, *args, **kwargs)
         except NotImplementedError as e:
             raise GuideSetupError(
-                f"model {self._model_name!r}: {e}. AutoFlowGuide needs vectorised "
-                "plates (pyro.plate with a dim, used as a context manager)."
+                f"model {self._model_name!r}: {e}{sequential_plate(self.prototype_trace)}. AutoFlowGuide needs "
+                "vectorised plates (pyro.plate with a dim, used as a context manager)."
             ) from None
         check_flow_sites(self.prototype_trace, self._model_name, self._refused_support)
         warn_unused_init_values(self._init_loc_fn_arg[0], self.prototype_trace, self._model_name)
@@ -326,6 +329,15 @@ class AutoFlowGuide(StructureDispatch, FullFlowPosterior, GuideContractMixin, No
         finally:
             self._model, self._bare_model, self.master = links
         return state
+
+
+def sequential_plate(trace: Any) -> str:
+    """`` (plate 'p' around site 's')`` for the first site of ``trace`` inside a sequential plate, or ``""``."""
+    for name, site in (trace.iter_stochastic_nodes() if trace is not None else ()):
+        for frame in site["cond_indep_stack"]:
+            if not frame.vectorized:
+                return f" (plate {frame.name!r} around site {name!r})"
+    return ""
 
 
 def warn_unused_init_values(init_loc_fn: Any, trace: Any, model_name: str) -> None:

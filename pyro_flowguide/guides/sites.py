@@ -284,30 +284,35 @@ def _site_problem(site: dict, named: dict[str, Any]) -> str:
 
 
 def find_bad_data(model: Callable, args: tuple, kwargs: dict) -> str | None:
-    """Names the first site whose data or distribution is not finite, or ``None`` (runs the model once).
+    """Names the first site whose data or distribution is not finite, or whose data do not fit it, or ``None``.
 
-    The model runs with Pyro's validation off, so that the site is reached
+    Runs the model once, with Pyro's validation off, so that the site is reached
     rather than whichever distribution met the value first.
     """
+    from .supports import not_tensors, observed_value_problem  # they import this module's error
+
     named = _argument_names(model, args, kwargs)
     try:
         with pyro.validation_enabled(False), torch.no_grad():
             trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
     except Exception:  # the model fails for other reasons too: report what the arguments show
         bad = _bad_arguments(named)
-        return f"{'; '.join(bad)}; pass finite data (drop or impute those values)" if bad else None
+        return f"{'; '.join(bad)}; pass finite data (drop or impute those values)" if bad else not_tensors(named)
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
+        kind = "factor" if type(site["fn"]).__name__ == "Unit" else "observed" if site["is_observed"] else "latent"
         problem = _site_problem(site, named)
         if problem:
-            kind = "factor" if type(site["fn"]).__name__ == "Unit" else "observed" if site["is_observed"] else "latent"
             fix = (
                 "drop or impute the non-finite data, or leave them out of the likelihood with obs_mask= or poutine.mask"
                 if site["is_observed"]
                 else "pass finite covariates and parameters"
             )
             return f"{kind} site {name!r}: {problem}; {fix}"
+        misfit = kind == "observed" and observed_value_problem(site)
+        if misfit:  # it says what to do
+            return f"observed site {name!r}: {misfit}"
     return None
 
 
@@ -322,7 +327,7 @@ def named_setup_errors(model: Callable, model_name: str, args: tuple, kwargs: di
         yield
     except GuideSetupError:
         raise
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, TypeError, AttributeError, IndexError) as error:
         problem = find_bad_data(model, args, kwargs)
         if problem is None:
             raise
@@ -412,12 +417,16 @@ def check_latent_names(names, trace, model_name: str) -> None:
         )
 
 
-def check_stable_sites(model: Callable, names, model_name: str, args: tuple, kwargs: dict, runs: int = 3) -> None:
-    """Runs the model ``runs`` times from its prior and checks each run's latents (see :func:`check_latent_names`).
+def check_stable_sites(model: Callable, prototype_trace, model_name: str, args: tuple, kwargs: dict, runs: int = 3) -> None:
+    """Runs the model ``runs`` times from its prior and checks each run's latents and their supports.
 
+    See :func:`check_latent_names` and :func:`~pyro_flowguide.guides.supports.check_same_supports`.
     Best effort: a model that cannot run from its prior (an ``ImproperUniform``
     site) is not checked.
     """
+    from .supports import check_same_supports  # it imports this module's error
+
+    names = [name for name, _ in prototype_trace.iter_stochastic_nodes()]
     for _ in range(runs):
         try:
             with torch.no_grad():
@@ -425,6 +434,7 @@ def check_stable_sites(model: Callable, names, model_name: str, args: tuple, kwa
         except Exception:
             return
         check_latent_names(names, trace, model_name)
+        check_same_supports(prototype_trace, trace, model_name)
 
 
 def check_setup_trace(
@@ -437,9 +447,8 @@ def check_setup_trace(
     with the prototype's latent sites.
     """
     signature = TraceSignature.of(check_finite_at_init(model, model_name, args, kwargs))
-    names = [name for name, _ in prototype_trace.iter_stochastic_nodes()]
     with torch.random.fork_rng():  # the extra runs leave the caller's random stream as it was
-        check_stable_sites(bare_model, names, model_name, args, kwargs)
+        check_stable_sites(bare_model, prototype_trace, model_name, args, kwargs)
     return signature
 
 

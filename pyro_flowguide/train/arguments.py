@@ -7,9 +7,10 @@ import numbers
 from typing import Any
 
 from pyro.infer import TraceEnum_ELBO
+from pyro.poutine.util import site_is_subsample
 from pyro.optim import PyroOptim
 
-__all__ = ["check_loss_enumerates", "check_lr", "checked_steps", "enumerated_sites"]
+__all__ = ["check_guide_sites", "check_loss_enumerates", "check_lr", "checked_steps", "enumerated_sites"]
 
 
 def enumerated_sites(guide_trace, model_trace) -> list[str]:
@@ -50,4 +51,24 @@ def check_loss_enumerates(loss: Any, traces: tuple) -> None:
             f"fit: the model enumerates site(s) {', '.join(map(repr, sorted(enumerated)))}, which "
             f"{type(loss).__name__} would draw from their priors (a biased objective); pass "
             "loss=pyro.infer.TraceEnum_ELBO(max_plate_nesting=...) or leave loss unset for fit to choose it."
+        )
+
+
+def check_guide_sites(guide_trace, model_trace) -> None:
+    """Refuses a guide that samples latent sites the model does not have (a guide built for another model)."""
+    model_sites = {name for name, site in model_trace.nodes.items() if site["type"] == "sample"}
+    extra = [
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and not site["infer"].get("is_auxiliary") and name not in model_sites
+    ]
+    if extra:
+        latent = sorted(
+            n for n, site in model_trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        )
+        raise ValueError(
+            f"fit: the guide samples {', '.join(map(repr, extra))}, which the model does not have (its latent "
+            f"sites: {', '.join(latent)}); the guide was built for another model. Build the guide from this "
+            "model, e.g. AutoFlowGuide(model), or mark a guide-only site with infer={'is_auxiliary': True}."
         )

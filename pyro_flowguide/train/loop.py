@@ -36,7 +36,7 @@ from pyro.infer import SVI, TraceEnum_ELBO
 from pyro.optim import PyroOptim
 
 from .callbacks import Callback, Checkpoint, ClearFlowCaches, NonFiniteGuard, ProgressBar
-from .arguments import check_loss_enumerates, check_lr, checked_steps, enumerated_sites
+from .arguments import check_guide_sites, check_loss_enumerates, check_lr, checked_steps, enumerated_sites
 from .checkpoints import check_resumable, fit_signature, load_checkpoint, restore
 from .defaults import DEFAULT_CHECKPOINT_EVERY, DEFAULT_NUM_PARTICLES, DEFAULT_STEPS
 from .defaults import default_optim, geometric_decay, training_defaults
@@ -339,6 +339,7 @@ def fit(
             guide._warm_start_arg = False  # the guide's own stage, in its first call, is the same start
         # One trace of guide and model: every parameter exists after it.
         traces = trace_model_and_guide(model, guide, args, kwargs)
+        check_guide_sites(*traces)
         if loss is None:
             loss, vectorized = _choose_loss(model, guide, args, kwargs, traces, num_particles, vectorize_particles)
             particles = loss.num_particles
