@@ -470,3 +470,18 @@ def test_to_inference_data_with_data_of_another_shape_says_what_to_pass(data):
     guide(x, y)
     with pytest.raises(ValueError, match="to_inference_data: .*site 'y'.*same data, of the same shapes"):
         to_inference_data(regression, guide, x, y[:10], num_samples=10)
+
+
+@pytest.mark.parametrize("plate_size", [3, 100])  # the full flow, the structured posterior
+def test_quantiles_outside_the_unit_interval_are_refused(plate_size):
+    def model():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+        with pyro.plate("p", plate_size):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    guide = AutoFlowGuide(model)
+    guide()
+    for bad in ([1.5], [-0.1, 0.5], "median"):
+        with pytest.raises(ValueError, match=r"quantiles must be numbers in \[0, 1\]"):
+            guide.quantiles(bad)
+    assert guide.quantiles([0.0, 1.0])["a"].shape == (2,)

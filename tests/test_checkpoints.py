@@ -177,3 +177,11 @@ def test_checkpoint_of_a_non_centred_guide_names_the_option(tmp_path):
     with pytest.raises(CheckpointModelMismatchError, match="guide's options differ.*noncentered"):
         fit(eight_schools_centered, AutoFlowGuide(eight_schools_centered, noncentered=False), steps=5,
             progress=False, checkpoint=path, resume=True)
+
+
+def test_resuming_with_fewer_steps_than_done_says_that_none_run(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    _write(path, steps=8)
+    with pytest.warns(UserWarning, match="holds 8 steps already, at least steps=5, so no step runs"):
+        result = _resume(path, steps=5)
+    assert result.steps == 8

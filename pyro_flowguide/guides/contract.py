@@ -29,7 +29,7 @@ from .sites import GuideSetupError
 
 __all__ = [
     "GuideContractMixin", "SeededSummaries", "StoreSync", "gaussian_attribute_error", "rng_devices", "store_sync",
-    "packed_fingerprint", "packed_param_name", "picklable", "checked_num_samples",
+    "packed_fingerprint", "packed_param_name", "picklable", "checked_num_samples", "checked_quantiles",
 ]
 
 #: The live guide that set up each packed parameter name (to refuse a second model's guide under it).
@@ -216,6 +216,17 @@ def checked_num_samples(num_samples: Any, guide: Any) -> int:
     return int(num_samples)
 
 
+def checked_quantiles(quantiles: Any) -> Tensor:
+    """``quantiles`` as a 1-D float tensor, refused unless every entry is a number in [0, 1]."""
+    try:
+        q = torch.as_tensor(quantiles, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        q = None
+    if q is None or not bool(((q >= 0) & (q <= 1)).all()):
+        raise ValueError(f"quantiles must be numbers in [0, 1] (e.g. [0.05, 0.5, 0.95]), got {quantiles!r}")
+    return q
+
+
 def rng_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
@@ -395,8 +406,9 @@ class GuideContractMixin:
         are the same on every call (``summary_seed``, on a fork of the random
         state), so repeated calls agree and ``median()`` is ``quantiles([0.5])``.
         """
+        q = checked_quantiles(quantiles)
         latent = self._summary_latent(args, kwargs)
-        q = torch.as_tensor(quantiles, dtype=latent.dtype, device=latent.device)
+        q = q.to(dtype=latent.dtype, device=latent.device)
         return self._constrained(torch.quantile(latent, q, dim=0))
 
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
@@ -419,12 +431,13 @@ class SeededSummaries:
         self, quantiles: Sequence[float] | Tensor, *args: Any, num_samples: int = 1000, **kwargs: Any
     ) -> dict[str, Tensor]:
         """Posterior quantiles of every latent site (per datum for local sites), from ``num_samples`` seeded draws."""
+        checked = checked_quantiles(quantiles)
         with torch.random.fork_rng(devices=rng_devices()):
             torch.manual_seed(self.summary_seed)
             draws = self.sample_posterior(num_samples, *args, **kwargs)
         out = {}
         for name, value in draws.items():
-            q = torch.as_tensor(quantiles, dtype=value.dtype, device=value.device)
+            q = checked.to(dtype=value.dtype, device=value.device)
             out[name] = torch.quantile(value, q, dim=0)
         return out
 

@@ -51,7 +51,7 @@ from torch.distributions import Transform
 
 from ..flows.registry import resolve_flow
 from ..transforms import clear_flow_caches
-from .contract import checked_num_samples, rng_devices, store_sync
+from .contract import checked_num_samples, checked_quantiles, rng_devices, store_sync
 from .flow_guide import DEFAULT_FLOW, AutoFlowGuide
 from .sites import (
     GuideSetupError,
@@ -407,6 +407,7 @@ class AutoStructuredFlowGuide(AutoGuide):
         ``summary_seed`` on a fork of the random state: every call gives the
         same answer and the caller's random stream is left alone.
         """
+        checked = checked_quantiles(quantiles)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         if self.delegate is not None:
@@ -415,7 +416,7 @@ class AutoStructuredFlowGuide(AutoGuide):
         out = {}
         for name, info in self._sites.items():
             flat = unconstrained[name]
-            q = torch.as_tensor(quantiles, dtype=flat.dtype, device=flat.device).reshape(-1)
+            q = checked.to(dtype=flat.dtype, device=flat.device)
             out[name] = info.bijection(_column_quantiles(flat, q).reshape((len(q),) + info.shape))
         return out
 

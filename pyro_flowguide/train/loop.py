@@ -359,6 +359,13 @@ def fit(
                 if default_schedule:
                     _redo_decay(payload, steps, training_defaults(guide).final_lr, path)
                 restore(state, payload, cbs, path)
+                if state.step >= steps:
+                    warnings.warn(
+                        f"fit: the checkpoint {path!r} holds {state.step} steps already, at least steps={steps}, "
+                        "so no step runs (steps counts every step of the run); pass a larger steps to train on",
+                        UserWarning,
+                        stacklevel=2,
+                    )
             else:
                 warnings.warn(
                     f"fit: no checkpoint at {path!r} yet; starting from step 0", UserWarning, stacklevel=2
