@@ -356,6 +356,17 @@ def _():
            f"{'only notice: Pyro' + chr(39) + 's ' + w if w else 'no warning'}")
 
 
+def fitted_inside_supports(model, data):
+    """Fits AutoFlowGuide(model) a few steps; its draws, after checking they lie inside their supports."""
+    guide = AutoFlowGuide(model)
+    quick(model, guide, data)
+    draws = sample_sites(guide, data)
+    bad = check_support(model, draws, data)
+    if bad:
+        silent(bad)
+    return draws
+
+
 @probe("discrete", "Bernoulli observation given as a bool tensor", "'y'")
 def _():
     def model(y):
@@ -363,13 +374,7 @@ def _():
         with pyro.plate("data", len(y)):
             pyro.sample("y", dist.Bernoulli(p), obs=y)
 
-    y = torch.tensor([True, False, True, True, False, True])
-    guide = AutoFlowGuide(model)
-    quick(model, guide, y)
-    draws = sample_sites(guide, y)
-    bad = check_support(model, draws, y)
-    if bad:
-        silent(bad)
+    draws = fitted_inside_supports(model, torch.tensor([True, False, True, True, False, True]))
     works(f"p in (0, 1); posterior mean {float(draws['p'].mean()):.2f}")
 
 
@@ -380,13 +385,7 @@ def _():
         with pyro.plate("data", len(y)):
             pyro.sample("y", dist.Poisson(r), obs=y)
 
-    y = torch.tensor([1, 3, 2, 0, 4, 2])
-    guide = AutoFlowGuide(model)
-    quick(model, guide, y)
-    draws = sample_sites(guide, y)
-    bad = check_support(model, draws, y)
-    if bad:
-        silent(bad)
+    draws = fitted_inside_supports(model, torch.tensor([1, 3, 2, 0, 4, 2]))
     works(f"r > 0; posterior mean {float(draws['r'].mean()):.2f}")
 
 
@@ -409,6 +408,14 @@ def _():
     works("200 draws of s, u, p inside their supports")
 
 
+def matrix_site(model, data, site, shape, what):
+    """Fits a model with one matrix-valued latent; checks its draws' support and shape."""
+    draws = fitted_inside_supports(model, data)
+    if draws[site].shape != (200,) + shape:
+        silent(f"shape {tuple(draws[site].shape)}")
+    works(what)
+
+
 @probe("support", "LKJCholesky latent (corr_cholesky support)", "'L'")
 def _():
     def model(data):
@@ -416,14 +423,7 @@ def _():
         with pyro.plate("data", len(data)):
             pyro.sample("obs", dist.MultivariateNormal(torch.zeros(3), scale_tril=L), obs=data)
 
-    data = torch.randn(10, 3)
-    guide = AutoFlowGuide(model)
-    quick(model, guide, data)
-    draws = sample_sites(guide, data)
-    bad = check_support(model, draws, data)
-    if bad or draws["L"].shape != (200, 3, 3):
-        silent(bad or f"shape {tuple(draws['L'].shape)}")
-    works("200 draws of L are correlation Cholesky factors, shape (3, 3)")
+    matrix_site(model, torch.randn(10, 3), "L", (3, 3), "200 draws of L are correlation Cholesky factors, shape (3, 3)")
 
 
 @probe("support", "Wishart latent (positive-definite support)", "'S'")
@@ -433,14 +433,7 @@ def _():
         with pyro.plate("data", len(data)):
             pyro.sample("obs", dist.MultivariateNormal(torch.zeros(2), covariance_matrix=S), obs=data)
 
-    data = torch.randn(10, 2)
-    guide = AutoFlowGuide(model)
-    quick(model, guide, data)
-    draws = sample_sites(guide, data)
-    bad = check_support(model, draws, data)
-    if bad or draws["S"].shape != (200, 2, 2):
-        silent(bad or f"shape {tuple(draws['S'].shape)}")
-    works("200 draws of S are positive definite, shape (2, 2)")
+    matrix_site(model, torch.randn(10, 2), "S", (2, 2), "200 draws of S are positive definite, shape (2, 2)")
 
 
 @probe("support", "ProjectedNormal latent (sphere support)", "'d'", ("reparam", "Reparam"))
