@@ -485,3 +485,17 @@ def test_quantiles_outside_the_unit_interval_are_refused(plate_size):
         with pytest.raises(ValueError, match=r"quantiles must be numbers in \[0, 1\]"):
             guide.quantiles(bad)
     assert guide.quantiles([0.0, 1.0])["a"].shape == (2,)
+
+
+def test_same_support_compares_bounds_not_identities():
+    from torch.distributions import constraints
+
+    from pyro_flowguide.guides.supports import same_support
+
+    def stack():  # a new constraint object per call, as a transform's codomain is
+        return constraints.independent(constraints.stack([constraints.real, constraints.positive], dim=-1), 1)
+
+    assert same_support(stack(), stack())
+    assert same_support(constraints.interval(0.0, torch.tensor(2.0)), constraints.interval(0.0, torch.tensor(2.0)))
+    assert not same_support(constraints.interval(0.0, torch.tensor(2.0)), constraints.interval(0.0, torch.tensor(3.0)))
+    assert not same_support(constraints.positive, constraints.real)

@@ -21,23 +21,26 @@ from .sites import GuideSetupError
 __all__ = ["check_same_supports", "not_tensors", "observed_value_problem", "same_support"]
 
 
-def same_support(a: constraints.Constraint, b: constraints.Constraint) -> bool:
-    """Whether two constraints are of one kind with equal parameters (bounds compared as tensors)."""
-    if type(a) is not type(b):
-        return False
-    for key, value in vars(a).items():
-        other = vars(b).get(key)
-        if isinstance(value, constraints.Constraint):
-            if not (isinstance(other, constraints.Constraint) and same_support(value, other)):
-                return False
-        elif torch.is_tensor(value) or torch.is_tensor(other):
-            try:
-                if not bool(torch.equal(*torch.broadcast_tensors(torch.as_tensor(value), torch.as_tensor(other)))):
-                    return False
-            except (RuntimeError, TypeError):
-                return False
-        elif value != other:
+def same_support(a: Any, b: Any) -> bool:
+    """Whether two constraints are of one kind with equal bounds (tensors and numbers compared; nested constraints too).
+
+    Conservative: only a differing kind, tensor, number or nested constraint
+    counts as different, so that a constraint holding other objects is never
+    flagged by their identity.
+    """
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_support(x, y) for x, y in zip(a, b))
+    if isinstance(a, constraints.Constraint) or isinstance(b, constraints.Constraint):
+        if type(a) is not type(b):
             return False
+        return all(same_support(value, vars(b).get(key)) for key, value in vars(a).items())
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        try:
+            return bool(torch.equal(*torch.broadcast_tensors(torch.as_tensor(a), torch.as_tensor(b))))
+        except (RuntimeError, TypeError):
+            return False
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b or (a != a and b != b)  # NaN bounds count as equal
     return True
 
 
