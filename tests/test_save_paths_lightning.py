@@ -1,6 +1,7 @@
 """A Lightning checkpoint restores every guide kind: the same parameters and the same draws for a seed.
 
-Each kind of ``test_save_paths.py`` and ``test_save_paths_structured.py`` is
+Each kind of ``test_save_paths.py`` and ``test_save_paths_structured.py``, and
+the amortized guide of ``test_amortized_contract.py``'s save paths, is
 trained a few steps with ``fit_distributed`` in one process, which writes a
 Lightning checkpoint when training ends; ``load_guide_checkpoint`` loads it
 into a new guide built as the trained one was, in an empty param store. The
@@ -21,6 +22,9 @@ import torch
 
 import pyro_flowguide as pfg
 from pyro_flowguide.examples import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, linear_regression, linear_regression_data
+from test_amortized import hierarchical_model
+from test_amortized_contract import SMALL
+from test_amortized_contract import context as amortized_context
 from test_save_paths_structured import KINDS as STRUCTURED_KINDS
 from test_save_paths_structured import _draws, _same, _state
 
@@ -50,6 +54,12 @@ KINDS = {
     "noncentered": (eight_schools, lambda: (EIGHT_SCHOOLS_Y,), pfg.AutoFlowGuide, {}),
     "no flow": (linear_regression, linear_regression_data, pfg.AutoFlowGuide, {"flow": None}),
     **STRUCTURED_KINDS,
+    "amortized": (
+        hierarchical_model,
+        lambda: (torch.randn(20, 3, generator=torch.Generator().manual_seed(0)),),
+        pfg.AutoAmortizedFlowGuide,
+        {"amortized": {"a": amortized_context}, **SMALL},
+    ),
 }
 
 
