@@ -316,6 +316,7 @@ def draw_from_guide(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     """
     with torch.no_grad():
         proto_guide, proto_model = trace_model_and_guide(model, guide, args, kwargs)
+        proto_model.log_prob_sum()  # one draw, outside any plate: an error here is not the plate's
         try:
             return _draw_vectorized(model, guide, args, kwargs, num_samples, proto_guide, proto_model)
         except Exception as err:  # noqa: BLE001 - any failure under the plate
