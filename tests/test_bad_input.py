@@ -503,3 +503,17 @@ def test_same_support_compares_bounds_not_identities():
     assert same_support(constraints.interval(0.0, torch.tensor(2.0)), constraints.interval(0.0, torch.tensor(2.0)))
     assert not same_support(constraints.interval(0.0, torch.tensor(2.0)), constraints.interval(0.0, torch.tensor(3.0)))
     assert not same_support(constraints.positive, constraints.real)
+
+
+def test_guides_of_one_model_behind_wrappers_share_its_parameter(data):
+    import functools
+
+    from pyro_flowguide.guides.contract import innermost
+
+    assert innermost(poutine.block(functools.partial(regression), hide=["s"])) is regression
+    pyro.clear_param_store()
+    first = AutoFlowGuide(poutine.block(regression, hide=[]))
+    first(*data)
+    second = AutoFlowGuide(poutine.scale(regression, scale=1.0))  # the same model, another wrapper object
+    second(*data)
+    assert second.packed is first.packed

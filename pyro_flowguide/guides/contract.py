@@ -10,6 +10,7 @@ says what to use for the Gaussian guides' ``loc``, ``scale`` and ``scale_tril``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import numbers
 import pickle
@@ -206,6 +207,19 @@ def store_sync(guide: nn.Module) -> StoreSync:
     return sync
 
 
+def innermost(fn: Any) -> Any:
+    """The function inside Pyro's handlers and other wrappers (``functools.partial``, ``__wrapped__``)."""
+    for _ in range(32):
+        if isinstance(fn, functools.partial):  # a handler is partial(_context_wrap, messenger, fn)
+            handler = getattr(fn.func, "__name__", "") == "_context_wrap" and fn.args
+            fn = fn.args[-1] if handler else fn.func
+        elif getattr(fn, "__wrapped__", None) is not None:
+            fn = fn.__wrapped__
+        else:
+            break
+    return fn
+
+
 def checked_num_samples(num_samples: Any, guide: Any) -> int:
     """``num_samples`` of ``sample_posterior`` as an int, refused unless it is a whole number >= 1."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
@@ -282,7 +296,10 @@ class GuideContractMixin:
             )
         owner = _STORE_OWNERS.get(fullname)
         models = getattr(owner, "_bare_model", None), self.__dict__.get("_bare_model")
-        if held is not None and owner is not None and owner is not self and None not in models and models[0][0] is not models[1][0]:
+        if (
+            held is not None and owner is not None and owner is not self and None not in models
+            and innermost(models[0][0]) is not innermost(models[1][0])
+        ):
             raise GuideSetupError(
                 f"the param store holds {fullname!r} for another AutoFlowGuide, of another model also named "
                 f"{self._model_name!r} with the same sites: the two guides would share one parameter, and "
