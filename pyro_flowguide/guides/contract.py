@@ -30,7 +30,7 @@ from .sites import GuideSetupError
 
 __all__ = [
     "GuideContractMixin", "SeededSummaries", "StoreSync", "gaussian_attribute_error", "rng_devices", "store_sync",
-    "packed_fingerprint", "packed_param_name", "picklable", "checked_num_samples", "checked_quantiles",
+    "packed_fingerprint", "packed_param_name", "picklable", "checked_num_samples", "checked_quantiles", "innermost",
 ]
 
 #: The live guide that set up each packed parameter name (to refuse a second model's guide under it).

@@ -426,7 +426,7 @@ class AutoStructuredFlowGuide(AutoGuide):
 
     @torch.no_grad()
     def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """The posterior mean and standard deviation of each unconstrained coordinate (sites in model order), estimated as :meth:`quantiles` is."""
+        """The posterior mean and sd of each unconstrained coordinate (sites in model order), from the summary draws."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         if self.delegate is not None:
