@@ -420,7 +420,7 @@ def flow_transform(
 def _check_built_size(lazy: nn.Module, kind: str, features: int, context: int) -> None:
     """Raises unless an already built flow maps ``features`` coordinates (given ``context`` numbers)."""
     param = next(lazy.parameters(), None)
-    like = {"dtype": param.dtype} if param is not None else {}
+    like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
     try:
         with torch.no_grad():
             y = lazy(torch.zeros(context, **like) if context else None)(torch.zeros(features, **like))
