@@ -254,3 +254,29 @@ def test_a_flow_over_the_globals_is_registered_and_trains():
     assert all(torch.isfinite(torch.tensor(losses)))
     held = {id(p) for p in pyro.get_param_store().values()}
     assert any("$$$" in name for name in pyro.get_param_store()) and all(id(p) in held for p in guide.parameters())
+
+
+def paired_vectors(n=60):
+    """Two vector sites whose i-th elements the data tie together: x_i + y_i ~ N(1, 0.3)."""
+    x = pyro.sample("x", dist.Normal(torch.zeros(n), 1.0).to_event(1))
+    y = pyro.sample("y", dist.Normal(torch.zeros(n), 1.0).to_event(1))
+    pyro.sample("obs", dist.Normal(x + y, 0.3).to_event(1), obs=torch.ones(n))
+
+
+@pytest.mark.slow  # 2,000 steps
+def test_chains_of_one_model_share_a_stage_that_correlates_them():
+    # Exact posterior of (x_i, y_i): precision [[1 + c, c], [c, 1 + c]] with c = 1 / 0.3**2,
+    # so sd 0.722 and correlation -0.917; with x and y independent a guide's sd is 0.287.
+    c = 1 / 0.3**2
+    sd, rho = ((1 + c) / ((1 + c) ** 2 - c**2)) ** 0.5, -c / (1 + c)
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(paired_vectors)
+    pfg.fit(paired_vectors, guide, steps=2000, progress=False, seed=0)
+    assert guide.structured.site_groups()["chain"] == ("x", "y")
+    assert guide.structured._joint == {"x_y": ("x", "y")}
+    with torch.no_grad():
+        draws = guide.sample_posterior(4000)
+    x, y = draws["x"], draws["y"]
+    corr = ((x - x.mean(0)) * (y - y.mean(0))).mean(0) / (x.std(0) * y.std(0))
+    assert abs(corr.median() - rho) < 0.05
+    assert 0.9 < x.std(0).median() / sd < 1.1 and 0.9 < y.std(0).median() / sd < 1.1

@@ -9,7 +9,8 @@ samples in constrained space and compare them with the cached reference
 (``references.py``):
 
 * ``sme_max`` / ``sme_med``: largest / median |mean_q - mean_ref| / sd_ref over coordinates
-* ``sd_min`` / ``sd_max``: smallest / largest sd_q / sd_ref
+* ``sd_min`` / ``sd_max``: smallest / largest sd_q / sd_ref (``worst_sd``: the coordinate of the
+  largest |log sd ratio|; ``worst``: that of the largest mean error)
 * ``w1``: mean over coordinates of the Wasserstein-1 distance / sd_ref
 * ``khat``: PSIS k-hat of log p(x, z) - log q(z) (``pfg.psis_diagnostic``, 1,000 draws)
 * ``ms/step`` and ``fit_s``: training wall time per step and in total; ``cpu_ms``: process CPU
@@ -92,7 +93,8 @@ def metrics(t, ref, q):
     ratio = q.std(0) / s_r
     w1 = np.array([wasserstein_distance(q[:, j], ref[:, j]) for j in range(ref.shape[1])]) / s_r
     out.update(sme_max=float(sme.max()), sme_med=float(np.median(sme)), sd_min=float(ratio.min()),
-               sd_max=float(ratio.max()), w1=float(w1.mean()), worst=t.labels[int(np.argmax(sme))])
+               sd_max=float(ratio.max()), w1=float(w1.mean()), worst=t.labels[int(np.argmax(sme))],
+               worst_sd=t.labels[int(np.argmax(np.abs(np.log(ratio))))])
     return out
 
 
@@ -202,6 +204,7 @@ def print_table(t, rows):
               f"{fmt(r.get('khat'), '.2f'):>6s} {fmt(r.get('ms_step'), '.1f'):>8s} "
               f"{fmt(r.get('cpu_ms_step'), '.1f'):>7s} {fmt(r.get('wall'), '.1f'):>7s}"
               + (f"  worst={r['worst']}" if r.get("worst") else "")
+              + (f" worst_sd={r['worst_sd']}" if r.get("worst_sd") else "")
               + (f"  {r['error'].splitlines()[0]}" if r.get("error") else ""), flush=True)
 
 

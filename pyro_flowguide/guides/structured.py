@@ -6,18 +6,18 @@ It reads the model's structure from one trace and splits the latent sites:
   unconstrained coordinates; a full-rank Gaussian over them (optionally a flow).
 * plated sites: per member :math:`i` (a position in the site's plates),
   :math:`u_i = \mu_i + \sigma_i \odot L_i (\varepsilon_i \odot e^{s_i}) + t_i + B_i g`,
-  where :math:`(t_i, s_i)` come from one small network per site, shared by
-  its members, that reads the globals' standardised draw :math:`g` and a
-  learned embedding of the member; :math:`L_i` is unit lower-triangular and
-  :math:`B_i` a linear coupling to the globals.
+  where :math:`(t_i, s_i)` come from one small network per site, shared by its
+  members, that reads the globals' standardised draw :math:`g` and a learned
+  embedding of the member; :math:`L_i` is unit lower-triangular, :math:`B_i` linear.
 * chains: sites outside every plate beyond ``global_max_dim`` (a latent per
   time step in one vector site): the same per element, with an AR(1) + MA(1)
-  filter along the site applied to :math:`\varepsilon \odot e^{s}` (a parallel prefix scan).
+  filter along the site applied to :math:`\varepsilon \odot e^{s}` (a parallel prefix scan);
+  short chains share one stage, whose dense factor couples them (``chain_groups``).
 
-Every part starts at the identity: an untrained guide is ``AutoNormal``'s
-mean-field Gaussian at the initial values. A model with globals only is handed
-whole to :class:`~pyro_flowguide.AutoFlowGuide`. The parts are in
-:mod:`~pyro_flowguide.guides.structured_parts`.
+Every part starts at the identity (an untrained guide is ``AutoNormal``'s
+mean-field Gaussian at the initial values); the parts are in
+:mod:`~pyro_flowguide.guides.structured_parts`. A model with globals only is
+handed whole to :class:`~pyro_flowguide.AutoFlowGuide`.
 
 Example:
     >>> def model(y):
@@ -45,7 +45,6 @@ from pyro import poutine
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
-from pyro.nn import PyroModule
 from torch import Tensor
 from torch.distributions import Transform
 
@@ -63,7 +62,7 @@ from .sites import (
     shapes_of,
     with_feasible_fallback,
 )
-from .structured_parts import GlobalStage, SiteStage
+from .structured_parts import GlobalStage, site_stages
 
 __all__ = ["DEFAULT_INIT_SCALE", "AutoStructuredFlowGuide", "SiteInfo", "read_sites", "split_sites"]
 
@@ -135,14 +134,6 @@ def split_sites(sites: dict[str, SiteInfo], global_max_dim: int) -> None:
             break
         info.kind = "chain"
         total -= info.numel
-
-
-def _attribute_name(name: str, container: PyroModule) -> str:
-    """A name for site ``name``'s module in ``container``: an identifier, not taken, not one of its methods."""
-    key = "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "site"
-    while hasattr(container, key):
-        key += "_"
-    return key
 
 
 def _column_quantiles(x: Tensor, q: Tensor, max_numel: int = 1 << 23) -> Tensor:
@@ -273,15 +264,7 @@ class AutoStructuredFlowGuide(AutoGuide):
         if globals_:
             init = torch.cat([info.init.reshape(-1) for info in globals_])
             self.globals = GlobalStage(init, self._init_scale, self._global_flow_arg[0])
-        self.stages = PyroModule()
-        self._stage_keys: dict[str, str] = {}
-        for info in sites.values():
-            if info.kind == "global":
-                continue
-            members = math.prod(info.batch) if info.kind == "local" else info.numel
-            stage = SiteStage(info.kind, info.init.reshape(members, -1), self._init_scale, glob, self._hidden)
-            key = self._stage_keys[info.name] = _attribute_name(info.name, self.stages)
-            setattr(self.stages, key, stage)
+        self.stages, self._stage_keys, self._joint = site_stages(sites, self._init_scale, glob, self._hidden)
         store_sync(self).tree(self, strict=True)  # a guide of the same names shares the store's tensors
 
     @property
@@ -348,7 +331,12 @@ class AutoStructuredFlowGuide(AutoGuide):
         result: dict[str, Tensor] = {}
         glob = self._draw_globals(result, keep) if "globals" in self._modules else None
         for info in self._sites.values():
-            if info.kind != "global":
+            key = self._stage_keys.get(info.name)
+            if info.name in result or key is None:
+                continue
+            if key in self._joint:
+                result.update(draw_joint_chain(self, key, glob, keep))
+            else:
                 result[info.name] = self._draw_site(info, glob, plates, keep)
         return {name: result[name] for name in self._sites}
 
@@ -459,3 +447,19 @@ def summary_unconstrained(guide: AutoStructuredFlowGuide, args: tuple, kwargs: d
         torch.manual_seed(guide.summary_seed)
         guide._draws(guide.summary_draws, args, kwargs, keep=unconstrained)
     return {name: unconstrained[name] for name in guide._sites}
+
+
+def draw_joint_chain(guide: AutoStructuredFlowGuide, key: str, glob: Tensor | None, keep: dict | None) -> dict[str, Tensor]:
+    """Draws the chains that share stage ``key``: one auxiliary draw, split into their sites."""
+    stage = getattr(guide.stages, key)
+    infos = [guide._sites[name] for name in guide._joint[key]]
+    zeros = infos[0].init.new_zeros(stage.members)
+    eps = pyro.sample(guide._aux(key), dist.Normal(zeros, 1.0).to_event(1), infer={"is_auxiliary": True})
+    lead = tuple(eps.shape[:-1])
+    u, ladj = stage(eps.reshape(math.prod(lead), stage.members, 1), glob)
+    out, start = {}, 0
+    for i, info in enumerate(infos):
+        part = u[:, start : start + info.numel].reshape(lead + info.shape)
+        start += info.numel
+        out[info.name] = guide._sample_site(info, part, ladj.sum(-1) if i == 0 else None, lead, keep)
+    return out

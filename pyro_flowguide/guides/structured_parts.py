@@ -31,6 +31,8 @@ __all__ = [
     "SharedAffine",
     "SiteStage",
     "ar1_scan",
+    "chain_groups",
+    "site_stages",
 ]
 
 #: The shared network changes a member's scale by at most a factor ``exp(LOG_SCALE_BOUND)`` either way.
@@ -224,3 +226,46 @@ class SiteStage(PyroModule):
             u = u + shift + (glob @ self.coupling.T).reshape(u.shape)
         return u, ladj.expand(u.shape[:-1])
 
+
+def site_stages(sites: dict[str, Any], init_scale: float, glob: int, hidden: int) -> tuple[PyroModule, dict, dict]:
+    """The :class:`SiteStage` of each plated site and of each group of chains (see :func:`chain_groups`).
+
+    Returns the stages (a module with one attribute per stage, named after its
+    site or sites), each site's stage name, and the sites of each stage that
+    several chains share. Stages are built in the model's order of sites.
+    """
+    stages, keys, joint = PyroModule(), {}, {}
+    groups = {info.name: group for group in chain_groups(sites) for info in group}
+    for info in sites.values():
+        if info.kind == "global" or info.name in keys:
+            continue
+        group = groups.get(info.name, (info,))
+        members = math.prod(info.batch) if info.kind == "local" else sum(i.numel for i in group)
+        init = torch.cat([i.init.reshape(-1) for i in group]) if len(group) > 1 else info.init
+        key = "".join(c if c.isalnum() or c == "_" else "_" for c in "_".join(i.name for i in group)) or "site"
+        while hasattr(stages, key):  # an identifier, not taken, not one of the module's methods
+            key += "_"
+        setattr(stages, key, SiteStage(info.kind, init.reshape(members, -1), init_scale, glob, hidden))
+        keys.update({i.name: key for i in group})
+        if len(group) > 1:
+            joint[key] = tuple(i.name for i in group)
+    return stages, keys, joint
+
+
+def chain_groups(sites: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The chains, smallest first, in groups of at most :data:`MAX_DENSE_CHAIN` elements (each in model order).
+
+    A group of several chains is one stage, whose dense factor couples the
+    elements of its chains (the discriminations and difficulties of an
+    item-response model's items, say); a longer chain is a group of its own.
+    """
+    order = {name: i for i, name in enumerate(sites)}
+    groups, current, size = [], [], 0
+    for info in sorted((i for i in sites.values() if i.kind == "chain"), key=lambda i: (i.numel, order[i.name])):
+        if current and size + info.numel > MAX_DENSE_CHAIN:
+            groups.append(current)
+            current, size = [], 0
+        current.append(info)
+        size += info.numel
+    groups += [current] if current else []
+    return [tuple(sorted(group, key=lambda i: order[i.name])) for group in groups]
