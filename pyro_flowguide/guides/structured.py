@@ -191,6 +191,7 @@ class AutoStructuredFlowGuide(AutoGuide):
     summary_draws: int = 1000
     #: The seed of those draws (taken on a fork of the random state).
     summary_seed: int = 0
+    _joint: dict = {}  # stage name -> the chains that share it (set by _build; read-only here)
     #: The most draws times coordinates drawn at once by :meth:`sample_posterior` and the summaries.
     draw_chunk: int = 4_000_000
 
