@@ -30,7 +30,7 @@ from .sites import GuideSetupError
 
 __all__ = [
     "GuideContractMixin", "SeededSummaries", "StoreSync", "gaussian_attribute_error", "rng_devices", "store_sync",
-    "packed_fingerprint", "packed_param_name", "picklable", "checked_num_samples", "checked_quantiles", "innermost",
+    "packed_fingerprint", "packed_param_name", "picklable", "checked_num_samples", "checked_quantiles", "innermost", "whole_number_at_least",
 ]
 
 #: The live guide that set up each packed parameter name (to refuse a second model's guide under it).
@@ -220,9 +220,14 @@ def innermost(fn: Any) -> Any:
     return fn
 
 
+def whole_number_at_least(value: Any, minimum: int) -> bool:
+    """Whether ``value`` is an integer (a Python or numpy one, not a bool) of at least ``minimum``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
+
+
 def checked_num_samples(num_samples: Any, guide: Any) -> int:
     """``num_samples`` of ``sample_posterior`` as an int, refused unless it is a whole number >= 1."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+    if not whole_number_at_least(num_samples, 1):
         raise ValueError(
             f"{type(guide).__name__}.sample_posterior: num_samples must be a whole number >= 1 "
             f"(the number of joint draws), got {num_samples!r}"

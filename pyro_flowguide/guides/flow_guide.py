@@ -348,7 +348,7 @@ def warn_unused_init_values(init_loc_fn: Any, trace: Any, model_name: str) -> No
     """
     if not (isinstance(init_loc_fn, functools.partial) and init_loc_fn.func is init_to_value):
         return
-    latent = [n for n, site in trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]]
+    latent = [name for name, _ in trace.iter_stochastic_nodes()]
     unused = sorted(set(init_loc_fn.keywords.get("values", {})) - set(latent))
     if unused:
         warnings.warn(

@@ -10,6 +10,8 @@ from pyro.infer import TraceEnum_ELBO
 from pyro.poutine.util import site_is_subsample
 from pyro.optim import PyroOptim
 
+from ..guides.contract import whole_number_at_least
+
 __all__ = ["check_guide_sites", "check_loss_enumerates", "check_lr", "checked_steps", "enumerated_sites"]
 
 
@@ -28,7 +30,7 @@ def enumerated_sites(guide_trace, model_trace) -> list[str]:
 
 def checked_steps(steps: Any) -> int:
     """``steps`` as an int, refused when it is not a whole number >= 0."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+    if not whole_number_at_least(steps, 0):
         raise ValueError(f"fit: steps must be a whole number >= 0, got {steps!r}")
     return int(steps)
 
