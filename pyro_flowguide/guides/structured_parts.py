@@ -241,7 +241,7 @@ def site_stages(sites: dict[str, Any], init_scale: float, glob: int, hidden: int
             continue
         group = groups.get(info.name, (info,))
         members = math.prod(info.batch) if info.kind == "local" else sum(i.numel for i in group)
-        init = torch.cat([i.init.reshape(-1) for i in group]) if len(group) > 1 else info.init
+        init = torch.cat([i.init.reshape(-1) for i in group])
         key = "".join(c if c.isalnum() or c == "_" else "_" for c in "_".join(i.name for i in group)) or "site"
         while hasattr(stages, key):  # an identifier, not taken, not one of the module's methods
             key += "_"
