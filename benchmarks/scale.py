@@ -157,8 +157,9 @@ def run_case(model_name: str, D: int, guide_name: str, steps: int, seed: int = 0
                finite=all(math.isfinite(v) for v in losses))
     ref = reference(data, seed, str(CACHE)) if draws else None
     if ref is not None:
-        if ref.get("min_ess") is not None:
-            row["ref_min_ess"] = ref["min_ess"]
+        for key in ("min_ess", "max_rhat"):  # the NUTS reference's own checks
+            if ref.get(key) is not None:
+                row["ref_" + key] = ref[key]
         mean, sd = guide_moments(guide, data, names, draws, mpn, D)
         err, ratio = ((mean - ref["mean"]) / ref["sd"]).abs(), sd / ref["sd"]
         row.update(max_std_mean_err=float(err.max()), sd_ratio_min=float(ratio.min()),

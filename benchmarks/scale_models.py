@@ -160,7 +160,7 @@ def sv_reference_nuts(y: torch.Tensor, num_samples: int, num_warmup: int, seed: 
     import numpy as np
     import numpyro
     import numpyro.distributions as nd
-    from numpyro.diagnostics import effective_sample_size
+    from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
     from numpyro.infer import MCMC, NUTS
 
     jax.config.update("jax_enable_x64", True)
@@ -182,9 +182,10 @@ def sv_reference_nuts(y: torch.Tensor, num_samples: int, num_warmup: int, seed: 
     s = mcmc.get_samples()
     flat = np.concatenate([np.asarray(s["mu"])[:, None], np.asarray(s["phi01"])[:, None],
                            np.asarray(s["sigma"])[:, None], np.asarray(s["h"])], 1)
-    ess = effective_sample_size(flat.reshape(2, -1, flat.shape[1]))
+    chains = flat.reshape(2, -1, flat.shape[1])
+    ess, rhat = effective_sample_size(chains), split_gelman_rubin(chains)
     return {"names": ["mu", "phi01", "sigma", "h"], "mean": torch.tensor(flat.mean(0)),
-            "sd": torch.tensor(flat.std(0)), "min_ess": float(np.min(ess))}
+            "sd": torch.tensor(flat.std(0)), "min_ess": float(np.min(ess)), "max_rhat": float(np.max(rhat))}
 
 
 def sv_reference(y: torch.Tensor, seed: int, cache_dir: str, nuts: tuple[int, int] = (3000, 1000)) -> dict | None:
