@@ -39,7 +39,7 @@ def gaussian_guide(estimator: str, mean: torch.Tensor, cov: torch.Tensor) -> pfg
     guide()
     chol = torch.linalg.cholesky(cov)
     with torch.no_grad():
-        guide.affine_loc.copy_(mean)
+        guide.affine_loc = mean
         guide.affine_scale = chol.diagonal()
         guide._view("scale_tril").copy_(chol / chol.diagonal().unsqueeze(-1))  # L = diag(s) U
     return guide

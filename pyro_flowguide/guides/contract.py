@@ -25,7 +25,7 @@ from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
 from torch import Tensor, nn
 
-from .posterior import forward_with_ladj, unit_tril
+from .posterior import affine_shift, forward_with_ladj, unit_tril
 from .sites import GuideSetupError
 
 __all__ = [
@@ -328,8 +328,17 @@ class GuideContractMixin:
 
     @property
     def affine_loc(self) -> Tensor:
-        """The shift of the affine stage (a view of the packed parameter); not the posterior mean."""
-        return self._view("loc")
+        """The shift of the affine stage; assign to set it. Not the posterior mean."""
+        packed = self._packed()
+        return affine_shift(self._packing.bind(packed))
+
+    @affine_loc.setter
+    def affine_loc(self, value: Tensor) -> None:
+        views = self._packing.bind(self._packed())
+        with torch.no_grad():
+            unit = views.get("loc_unit")
+            value = torch.as_tensor(value, dtype=views["loc"].dtype, device=views["loc"].device)
+            views["loc"].copy_(value if unit is None else value / unit)
 
     @property
     def affine_scale(self) -> Tensor:

@@ -30,6 +30,8 @@ __all__ = [
     "FlowPosterior",
     "TrilAffine",
     "affine_parameters",
+    "affine_shift",
+    "set_location_unit",
     "affine_stage",
     "detached_copy",
     "draw_with_batched_score",
@@ -373,16 +375,20 @@ def relink(shadow: nn.Module, flow: nn.Module) -> None:
 
 
 def affine_parameters(init: Tensor, init_scale: float, covariance: str | None) -> list[tuple[str, Tensor]]:
-    """The affine stage's initial parameters ``[(name, tensor)]``: ``loc``, ``log_scale``, maybe ``scale_tril``.
+    """The affine stage's initial parameters ``[(name, tensor)]``: ``loc``, ``log_scale``, ``loc_unit``, maybe ``scale_tril``.
 
     Scales are learned on the log scale (Adam's steps are then relative);
-    ``scale_tril``'s strictly lower triangle is that of ``L``. ``covariance``
-    ``None`` means full up to 200 coordinates.
+    the shift is ``loc * loc_unit``, where ``loc_unit`` is read without
+    gradient and only :func:`set_location_unit` changes it (from one, so
+    that the shift starts as ``init``); ``scale_tril``'s strictly lower
+    triangle is that of ``L``. ``covariance`` ``None`` means full up to 200
+    coordinates.
     """
     dim, dtype, device = init.shape[-1], init.dtype, init.device
     named = [
         ("loc", init),
         ("log_scale", torch.full((dim,), math.log(init_scale), dtype=dtype, device=device)),
+        ("loc_unit", torch.ones(dim, dtype=dtype, device=device)),
     ]
     full = covariance == "full" or (covariance is None and dim <= 200)
     if full and dim > 1:
@@ -390,7 +396,30 @@ def affine_parameters(init: Tensor, init_scale: float, covariance: str | None) -
     return named
 
 
+def affine_shift(views: dict[str, Tensor]) -> Tensor:
+    """The affine stage's shift: ``loc`` in units of ``loc_unit`` (a guide built before there was a unit: ``loc``)."""
+    unit = views.get("loc_unit")
+    return views["loc"] if unit is None else views["loc"] * unit.detach()
+
+
+@torch.no_grad()
+def set_location_unit(views: dict[str, Tensor], unit: Tensor) -> None:
+    """Writes the affine stage's shift in units of ``unit`` (per coordinate, positive); the shift is unchanged.
+
+    An optimiser's step of a given size on ``loc`` then moves the shift by
+    that many units: with the posterior's spread as the unit, a step of Adam
+    at lr moves the shift by lr standard deviations, whatever the scale of the
+    coordinate. No-op for a guide built before there was a unit.
+    """
+    held = views.get("loc_unit")
+    if held is None:
+        return
+    shift = views["loc"] * held
+    held.copy_(unit)
+    views["loc"].copy_(shift / unit)
+
+
 def affine_stage(views: dict[str, Tensor], row_scaled: bool = False) -> TrilAffine:
     """The affine stage of the packed views ``views`` (its factor read as :func:`unit_tril` says)."""
     raw = views.get("scale_tril")
-    return TrilAffine(views["loc"], views["log_scale"].exp(), None if raw is None else unit_tril(raw, row_scaled))
+    return TrilAffine(affine_shift(views), views["log_scale"].exp(), None if raw is None else unit_tril(raw, row_scaled))

@@ -10,9 +10,12 @@ Gaussian first, by L-BFGS on the ELBO estimated with a fixed set of base
 draws (a sample-average approximation: the same draws at every evaluation,
 so the objective is deterministic and a line search is sound), and keeps the
 result only if the ELBO on fresh draws improved. The ELBO, unlike the log
-joint's mode, does not collapse into the neck of a funnel. The guide runs
-the stage in its first call (:func:`stage_at_setup`), so a plain ``SVI``
-loop starts where :func:`~pyro_flowguide.fit` does.
+joint's mode, does not collapse into the neck of a funnel. A kept result's
+scales become the location's unit
+(:func:`~pyro_flowguide.guides.posterior.set_location_unit`): Adam's later
+steps move the location by lr standard deviations rather than by lr. The
+guide runs the stage in its first call (:func:`stage_at_setup`), so a plain
+``SVI`` loop starts where :func:`~pyro_flowguide.fit` does.
 
 Example:
     >>> import pyro
@@ -36,6 +39,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from ..tracing import max_plate_nesting, outside_handlers, trace_model_and_guide
+from .posterior import set_location_unit
 
 __all__ = [
     "GaussianStageResult", "gaussian_stage", "stage_at_setup", "GAUSSIAN_STAGE_DRAWS", "GAUSSIAN_STAGE_ITERATIONS",
@@ -159,6 +163,9 @@ def gaussian_stage(
             with torch.no_grad():
                 packed.copy_(start)
             return GaussianStageResult(False, before, after, evaluations, "the ELBO on fresh draws did not improve")
+        # Adam's later steps on the location then move it by lr of the stage's scales, not by lr.
+        views = guide._packing.bind(packed)
+        set_location_unit(views, views["log_scale"].detach().exp())
         return GaussianStageResult(True, before, after, evaluations)
 
 
