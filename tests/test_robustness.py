@@ -143,7 +143,7 @@ def test_adam_at_lr_003_trains_a_5d_regression():
 
 
 _SCALES_WALK_AT_LR_01 = pytest.mark.xfail(
-    strict=True,
+    strict=False,  # a chaotic 1,000-step trajectory: another CPU's rounding may take it elsewhere
     reason="at Adam 0.1 the affine log-scales and the flow trade scale freely; on this seed their "
     "walk collapses two coordinates near step 930 (benchmarks/RESULTS.md, seventh session)",
 )
