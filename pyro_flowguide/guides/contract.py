@@ -25,7 +25,7 @@ from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
 from torch import Tensor, nn
 
-from .posterior import affine_shift, forward_with_ladj, unit_tril
+from .posterior import affine_shift, forward_with_ladj, unit_tril, write_affine_shift
 from .sites import GuideSetupError
 
 __all__ = [
@@ -335,10 +335,7 @@ class GuideContractMixin:
     @affine_loc.setter
     def affine_loc(self, value: Tensor) -> None:
         views = self._packing.bind(self._packed())
-        with torch.no_grad():
-            unit = views.get("loc_unit")
-            value = torch.as_tensor(value, dtype=views["loc"].dtype, device=views["loc"].device)
-            views["loc"].copy_(value if unit is None else value / unit)
+        write_affine_shift(views, torch.as_tensor(value, dtype=views["loc"].dtype, device=views["loc"].device))
 
     @property
     def affine_scale(self) -> Tensor:

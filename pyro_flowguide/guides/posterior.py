@@ -32,6 +32,7 @@ __all__ = [
     "affine_parameters",
     "affine_shift",
     "set_location_unit",
+    "write_affine_shift",
     "affine_stage",
     "detached_copy",
     "draw_with_batched_score",
@@ -403,6 +404,13 @@ def affine_shift(views: dict[str, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
+def write_affine_shift(views: dict[str, Tensor], shift: Tensor) -> None:
+    """Sets the affine stage's shift to ``shift``: writes ``loc`` in units of the held ``loc_unit``."""
+    unit = views.get("loc_unit")
+    views["loc"].copy_(shift if unit is None else shift / unit)
+
+
+@torch.no_grad()
 def set_location_unit(views: dict[str, Tensor], unit: Tensor) -> None:
     """Writes the affine stage's shift in units of ``unit`` (per coordinate, positive); the shift is unchanged.
 
@@ -414,9 +422,9 @@ def set_location_unit(views: dict[str, Tensor], unit: Tensor) -> None:
     held = views.get("loc_unit")
     if held is None:
         return
-    shift = views["loc"] * held
+    shift = affine_shift(views).clone()
     held.copy_(unit)
-    views["loc"].copy_(shift / unit)
+    write_affine_shift(views, shift)
 
 
 def affine_stage(views: dict[str, Tensor], row_scaled: bool = False) -> TrilAffine:
