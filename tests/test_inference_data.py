@@ -14,7 +14,7 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 import pyro_flowguide as pfg
-from pyro_flowguide.diagnostics.arviz_compat import group_names, loo_pointwise
+from pyro_flowguide.arviz_compat import group_names, loo_pointwise
 from pyro_flowguide.diagnostics import to_inference_data
 from pyro_flowguide.train import fit
 

@@ -37,6 +37,7 @@ LAYERS = {
     "bijections": 0,
     "tracing": 0,
     "_deprecated": 0,
+    "arviz_compat": 0,
     "flows": 1,
     "transforms": 2,
     "guides": 3,

@@ -32,7 +32,7 @@ from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoGuide
 from torch import nn
 
-from .arviz_compat import from_dict, to_chains
+from ..arviz_compat import from_dict, to_chains
 from .psis import Draws, draw_from_guide, psis_from_draws
 from ..transforms import ConditionalFlowTransform, FlowTransform
 

@@ -73,7 +73,7 @@ def pareto_smooth(log_weights: np.ndarray) -> tuple[np.ndarray, float | np.ndarr
         >>> smoothed.shape, khat.shape
         ((3, 500), (3,))
     """
-    from .arviz_compat import psislw
+    from ..arviz_compat import psislw
 
     return psislw(log_weights)
 
