@@ -142,15 +142,8 @@ def test_adam_at_lr_003_trains_a_5d_regression():
     assert math.isfinite(tail[25]) and tail[25] < 200, f"median of the last 50 losses {tail[25]:.3g}"
 
 
-_SCALES_WALK_AT_LR_01 = pytest.mark.xfail(
-    strict=False,  # a chaotic 1,000-step trajectory: another CPU's rounding may take it elsewhere
-    reason="at Adam 0.1 the affine log-scales and the flow trade scale freely; on this seed their "
-    "walk collapses two coordinates near step 930 (benchmarks/RESULTS.md, seventh session)",
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, pytest.param(2, marks=_SCALES_WALK_AT_LR_01), 3, 6])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 6])
 def test_pyro_predictive_binomial_model_trains_at_adam_01(seed):
     # Pyro's posterior-predictive test model: five Binomial(1000, phi) counts,
     # 1,000 plain steps at Adam 0.1. The default went to predictive means of
@@ -158,7 +151,8 @@ def test_pyro_predictive_binomial_model_trains_at_adam_01(seed):
     # draw passed a logit of 16, and the clamped probabilities gave no
     # gradient back); the Gaussian stage alone left one seed of four there,
     # and seed 6 still went there before the location was kept in units of
-    # the stage's scale.
+    # the stage's scale. Seed 2 collapsed near step 930 (the affine log-scales
+    # and the flow traded scale) until the stage's scales were held.
     def model(num_trials):
         with pyro.plate("data", num_trials.size(0)):
             p = pyro.sample("phi", dist.Uniform(num_trials.new_tensor(0.0), num_trials.new_tensor(1.0)))
@@ -176,6 +170,65 @@ def test_pyro_predictive_binomial_model_trains_at_adam_01(seed):
     means = predictive.get_samples(num_trials)["obs"].float().mean(0)
     # Pyro's test asserts within 5 % of 700; the posterior sd of each mean is about 14.
     assert ((means - 700).abs() < 60).all(), means
+
+
+def _local_level(steps_count=60, level_sd=0.3, noise_sd=0.5):
+    """A Gaussian random walk of levels, observed in noise: model, data, exact posterior mean and covariance."""
+    gen = torch.Generator().manual_seed(123)
+    y = torch.cumsum(level_sd * torch.randn(steps_count, generator=gen), 0) + 5.0
+    y = y + noise_sd * torch.randn(steps_count, generator=gen)
+
+    def model(y):
+        x0 = pyro.sample("x0", dist.Normal(0.0, 10.0))
+        steps = pyro.sample("steps", dist.Normal(0.0, level_sd).expand([steps_count - 1]).to_event(1))
+        levels = torch.cat([x0.unsqueeze(-1), x0.unsqueeze(-1) + torch.cumsum(steps, -1)], -1)
+        pyro.sample("y", dist.Normal(levels, noise_sd).to_event(1), obs=y)
+
+    design = torch.ones(steps_count, steps_count, dtype=torch.float64).tril()  # levels = design @ (x0, steps)
+    prior = torch.tensor([10.0**-2] + [level_sd**-2] * (steps_count - 1), dtype=torch.float64)
+    cov = torch.linalg.inv(torch.diag(prior) + design.T @ design / noise_sd**2)
+    return model, y, cov @ design.T @ y.double() / noise_sd**2, cov
+
+
+@pytest.mark.slow
+def test_a_correlated_series_trains_at_adam_01():
+    # 60 latents (an initial level and 59 steps) whose posterior is Gaussian and
+    # strongly correlated. At Adam 0.1 the affine scale, its factor and the flow
+    # traded scale until the fit collapsed (largest error 30.8 sds after 500 steps;
+    # AutoNormal 1.96); with the stage's curvature held, the flow shapes the rest.
+    model, y, mean, cov = _local_level()
+    sd = cov.diagonal().sqrt()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = pfg.AutoFlowGuide(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO())
+    for _ in range(500):
+        svi.step(y)
+    with torch.no_grad():
+        draws = guide.sample_posterior(4000)
+    flat = torch.cat([draws["x0"].unsqueeze(-1), draws["steps"]], -1).double()
+    assert float(((flat.mean(0) - mean) / sd).abs().max()) < 0.5
+    assert float((flat.std(0) / sd).log().abs().max()) < 0.2
+
+
+def test_the_curvature_stage_gives_a_gaussian_posterior_its_covariance():
+    # 20 levels: a Gaussian posterior whose marginal sds the diagonal stage alone
+    # puts up to 5x too small; the curvature step makes the stage's Gaussian exact.
+    model, y, mean, cov = _local_level(steps_count=20)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = pfg.AutoFlowGuide(model)
+    guide(y)
+    assert guide.warm_start_result.curvature == "kept"
+    with torch.no_grad():
+        draws = guide.sample_posterior(20000)  # the flow is still the identity: the stage's Gaussian
+    flat = torch.cat([draws["x0"].unsqueeze(-1), draws["steps"]], -1).double()
+    # The location is the diagonal stage's (64 fixed draws: about 0.3 sds off here); Adam's steps fix the rest.
+    assert float(((flat.mean(0) - mean) / cov.diagonal().sqrt()).abs().max()) < 0.5
+    chol = torch.linalg.cholesky(cov)
+    half = torch.linalg.solve_triangular(chol, torch.cov(flat.T), upper=False)
+    whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)  # identity for the exact covariance
+    assert float((whitened - torch.eye(20, dtype=torch.float64)).abs().max()) < 0.08
 
 
 # ------------------------------------------------------------- the pieces

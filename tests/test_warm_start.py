@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from unittest.mock import patch
 
 import pyro
 import pyro.distributions as dist
@@ -16,6 +17,7 @@ from pyro.optim import Adam
 
 import pyro_flowguide as pfg
 from pyro_flowguide.examples import linear_regression, linear_regression_data
+from pyro_flowguide.guides import warm_start
 from pyro_flowguide.train.warm_start import gaussian_stage
 
 torch.set_num_threads(1)
@@ -43,7 +45,7 @@ def test_the_stage_reaches_a_posterior_pinned_far_from_the_start():
     loc = guide.affine_loc.detach()
     # The Gaussian's marginal sds: scale_i times the norm of row i of the unit triangular factor.
     sd = guide.affine_scale.detach() * guide.affine_unit_tril.detach().norm(dim=-1)
-    assert torch.equal(guide.affine_unit_tril.detach(), torch.eye(3))  # the stage leaves it
+    assert result.curvature == "kept"  # then the factor is the mean curvature's (nearly diagonal here)
     # Within a fraction of a posterior sd of least squares (it started 13 units, ~300 sds, away).
     design = torch.stack([torch.ones_like(x), x], -1)
     post_sd = noise * torch.linalg.inv(design.T @ design).diagonal().sqrt()
@@ -229,9 +231,11 @@ def test_a_kept_stage_becomes_the_location_unit_and_keeps_the_shift():
     guide = pfg.AutoFlowGuide(linear_regression, warm_start=False)
     guide(x, y)
     assert torch.equal(guide._view("loc_unit").detach(), torch.ones(3))  # unstaged: the shift is loc itself
-    assert gaussian_stage(linear_regression, guide, (x, y), {}).accepted
+    scales = []
+    with patch.object(warm_start, "curvature_stage", lambda model, guide, *a: scales.append(guide.affine_scale) or "x"):
+        assert gaussian_stage(linear_regression, guide, (x, y), {}).accepted
     unit = guide._view("loc_unit").detach()
-    torch.testing.assert_close(unit, guide.affine_scale.detach())
+    torch.testing.assert_close(unit, scales[0].detach())
     torch.testing.assert_close(guide._view("loc").detach() * unit, guide.affine_loc.detach())
     assert abs(float(guide.affine_loc[0]) - 9.0) < 0.2
     guide.affine_loc = torch.tensor([1.0, 2.0, 3.0])  # assigning the shift writes it in units
@@ -257,3 +261,58 @@ def test_adam_at_lr_01_keeps_a_sharp_posterior_after_the_stage(seed):
         svi.step(torch.tensor(4.0))
     x2 = pyro.infer.Predictive(model, guide=guide, num_samples=1000, return_sites=["x2"])()["x2"]
     assert abs(float(x2.mean()) - 4.0) < 0.4
+
+
+
+def test_after_the_stage_only_the_shift_and_the_flow_train():
+    x, y = linear_regression_data()
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    guide = pfg.AutoFlowGuide(linear_regression)
+    svi = SVI(linear_regression, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    svi.step(x, y)
+    scale, factor, shift = guide.affine_scale.detach(), guide.affine_unit_tril.detach(), guide.affine_loc.detach()
+    svi.step(x, y)
+    assert torch.equal(guide.affine_scale.detach(), scale) and torch.equal(guide.affine_unit_tril.detach(), factor)
+    assert not torch.equal(guide.affine_loc.detach(), shift)
+
+
+@pytest.mark.parametrize("options", [{"warm_start": False}, {"flow": None}])
+def test_without_a_kept_stage_or_a_flow_the_affine_scale_trains(options):
+    x, y = linear_regression_data()
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    guide = pfg.AutoFlowGuide(linear_regression, **options)
+    svi = SVI(linear_regression, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    svi.step(x, y)
+    scale = guide.affine_scale.detach()
+    svi.step(x, y)
+    assert not torch.equal(guide.affine_scale.detach(), scale)
+
+
+
+def _exchangeable_mixture(y):
+    w = pyro.sample("w", dist.Beta(2.0, 2.0))[..., None]
+    locs = pyro.sample("locs", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(2.0))[..., None]
+    log_lik = torch.logaddexp(w.log() + dist.Normal(locs[..., :1], sigma).log_prob(y),
+                              (-w).log1p() + dist.Normal(locs[..., 1:], sigma).log_prob(y))
+    pyro.factor("lik", log_lik.sum(-1))
+
+
+def test_the_curvature_is_not_held_where_a_gaussian_does_not_explain_the_posterior():
+    """A label-switching mixture: the stage's Gaussian sits between the two modes, and PSIS sees it."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.where(torch.rand(200, generator=gen) < 0.4, -1.5, 1.5) + torch.randn(200, generator=gen)
+    guide = pfg.AutoFlowGuide(_exchangeable_mixture)
+    guide(y)
+    assert guide.warm_start_result.accepted
+    assert guide.warm_start_result.curvature.startswith("the Gaussian does not explain the posterior (PSIS k-hat")
+    assert torch.equal(guide.affine_unit_tril.detach(), torch.eye(4))  # the diagonal stage's Gaussian
+    locs = guide.affine_loc.detach()[1:3]
+    assert (locs - y.mean()).abs().max() < 0.5  # between the modes at -1.5 and 1.5
+    pyro.clear_param_store()
+    with patch.object(warm_start, "CURVATURE_MAX_KHAT", float("inf")):
+        guide = pfg.AutoFlowGuide(_exchangeable_mixture)
+        guide(y)
+    assert guide.warm_start_result.curvature == "kept"  # without the check, it would be held there

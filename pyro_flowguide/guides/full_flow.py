@@ -18,7 +18,7 @@ from torch.distributions import biject_to
 
 from ..transforms import flow_cache_clearers
 from .centring import CentringTransform
-from .posterior import FlowChain, FlowPosterior, affine_stage, detached_copy, relink
+from .posterior import FlowChain, FlowPosterior, affine_stage, detached_copy, holds_affine_scale, relink
 
 __all__ = ["FullFlowPosterior"]
 
@@ -88,7 +88,13 @@ class FullFlowPosterior:
             return [affine_stage(self._packing.bind(self.packed), self._factor_scaled)]
         views = self._bind(self.packed, self._modules["flow"])
         flow = self.flow if self._flow_has_params else self._modules["flow"]
-        return _parts_of(flow) + [affine_stage(views, self._factor_scaled)]
+        held = self.has_learnable_flow and holds_affine_scale(views)
+        return _parts_of(flow) + [affine_stage(views, self._factor_scaled, held)]
+
+    @property
+    def has_learnable_flow(self) -> bool:
+        """Whether the guide's flow has parameters to train (``flow=None`` has none)."""
+        return bool(self._packing.module_slots) or self._flow_has_params
 
     def _bind(self, flat: Tensor, flow: nn.Module) -> dict[str, Tensor]:
         # Copies with one backward pass for a training call; views otherwise.

@@ -34,6 +34,7 @@ __all__ = [
     "set_location_unit",
     "write_affine_shift",
     "affine_stage",
+    "holds_affine_scale",
     "detached_copy",
     "draw_with_batched_score",
     "draw_with_score",
@@ -41,6 +42,7 @@ __all__ = [
     "inverse_with_ladj",
     "made_layers_of",
     "relink",
+    "row_scale",
     "unit_tril",
 ]
 
@@ -323,7 +325,7 @@ def unit_tril(raw: Tensor, row_scaled: bool = False) -> Tensor:
     """
     low = raw.tril(-1)
     if row_scaled:
-        low = low * _row_scale(raw.shape[-1], raw)
+        low = low * row_scale(raw.shape[-1], raw)
     return low + _eye(raw.shape[-1], raw)
 
 
@@ -332,7 +334,7 @@ def _row_scale_of(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.arange(n, dtype=dtype, device=device).clamp(min=1).rsqrt().unsqueeze(-1)
 
 
-def _row_scale(n: int, like: Tensor) -> Tensor:
+def row_scale(n: int, like: Tensor) -> Tensor:
     """``1/sqrt(max(i, 1))`` for row ``i``, as a column of ``like``'s dtype and device (made once)."""
     return _row_scale_of(n, like.dtype, like.device)
 
@@ -427,7 +429,26 @@ def set_location_unit(views: dict[str, Tensor], unit: Tensor) -> None:
     write_affine_shift(views, shift)
 
 
-def affine_stage(views: dict[str, Tensor], row_scaled: bool = False) -> TrilAffine:
-    """The affine stage of the packed views ``views`` (its factor read as :func:`unit_tril` says)."""
-    raw = views.get("scale_tril")
-    return TrilAffine(affine_shift(views), views["log_scale"].exp(), None if raw is None else unit_tril(raw, row_scaled))
+def affine_stage(views: dict[str, Tensor], row_scaled: bool = False, held: bool = False) -> TrilAffine:
+    """The affine stage of the packed views ``views`` (its factor read as :func:`unit_tril` says).
+
+    With ``held``, its scales and factor are read without gradient: only the
+    shift trains (see :func:`holds_affine_scale`).
+    """
+    raw, log_scale = views.get("scale_tril"), views["log_scale"]
+    if held:
+        raw, log_scale = None if raw is None else raw.detach(), log_scale.detach()
+    return TrilAffine(affine_shift(views), log_scale.exp(), None if raw is None else unit_tril(raw, row_scaled))
+
+
+def holds_affine_scale(views: dict[str, Tensor]) -> bool:
+    """Whether a kept Gaussian stage has set the location unit (then a guide with a flow holds its affine scale).
+
+    The stage's scales and factor are then the posterior's Gaussian part, and
+    the flow, whose affine layers can scale and shear too, shapes the rest.
+    Trained together, the two trade scale along directions the ELBO does not
+    see, and Adam at a large lr walks them until the fit collapses. The mark
+    is the unit (not one), so every save path carries it.
+    """
+    unit = views.get("loc_unit")
+    return unit is not None and bool((unit != 1).any())

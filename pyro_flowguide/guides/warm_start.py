@@ -1,21 +1,22 @@
 r"""The Gaussian stage that starts a fresh :class:`~pyro_flowguide.AutoFlowGuide`.
 
 A fresh guide is its affine stage alone (the flow starts at the identity): a
-Gaussian at ``init_loc_fn``'s point with scale ``init_scale``. Adam moves the
-location by about lr per step, so under ``fit``'s schedule it travels a few
-units in all, and a posterior that the data pin far from the prior's median
-is out of reach; a unit scale is also far from a posterior the data pin to
-0.01. The stage fits the location and the per-coordinate log-scale of that
-Gaussian first, by L-BFGS on the ELBO estimated with a fixed set of base
-draws (a sample-average approximation: the same draws at every evaluation,
-so the objective is deterministic and a line search is sound), and keeps the
-result only if the ELBO on fresh draws improved. The ELBO, unlike the log
-joint's mode, does not collapse into the neck of a funnel. A kept result's
-scales become the location's unit
-(:func:`~pyro_flowguide.guides.posterior.set_location_unit`): Adam's later
-steps move the location by lr standard deviations rather than by lr. The
-guide runs the stage in its first call (:func:`stage_at_setup`), so a plain
-``SVI`` loop starts where :func:`~pyro_flowguide.fit` does.
+Gaussian at ``init_loc_fn``'s point with scale ``init_scale``, which Adam
+moves by about lr per step, too slowly for a posterior the data pin far from
+there. The stage fits the location and per-coordinate log-scale first, by
+L-BFGS on the ELBO at a fixed set of base draws (a deterministic objective,
+so a line search is sound), and keeps the result only if the ELBO on fresh
+draws improved; unlike the log joint's mode, the ELBO does not collapse into
+the neck of a funnel. A kept result's scales become the location's unit
+(:func:`~pyro_flowguide.guides.posterior.set_location_unit`): Adam then moves
+the location by lr standard deviations. :func:`curvature_stage` then gives
+the Gaussian the covariance of the log joint's mean curvature and a Newton
+step, where that improves the ELBO and a Gaussian explains the posterior by
+PSIS; from there on a guide with a flow holds the affine scale and factor
+(:func:`~pyro_flowguide.guides.posterior.holds_affine_scale`); the flow
+shapes the rest. The guide runs the stage in its first call
+(:func:`stage_at_setup`), so a plain ``SVI`` loop starts where
+:func:`~pyro_flowguide.fit` does.
 
 Example:
     >>> import pyro
@@ -37,15 +38,19 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.importance import vectorized_importance_weights
 
+from ..arviz_compat import psislw
 from ..tracing import max_plate_nesting, outside_handlers, trace_model_and_guide
-from .posterior import set_location_unit
+from .posterior import affine_shift, row_scale, set_location_unit, write_affine_shift
 
 __all__ = [
-    "GaussianStageResult", "gaussian_stage", "stage_at_setup", "GAUSSIAN_STAGE_DRAWS", "GAUSSIAN_STAGE_ITERATIONS",
-    "GAUSSIAN_STAGE_ROUNDS",
+    "GaussianStageResult", "curvature_stage", "gaussian_stage", "stage_at_setup", "GAUSSIAN_STAGE_DRAWS",
+    "GAUSSIAN_STAGE_ITERATIONS", "GAUSSIAN_STAGE_ROUNDS",
 ]
 
+#: Draws of the PSIS check of :func:`curvature_stage`, and the largest k-hat it keeps.
+CURVATURE_KHAT_DRAWS, CURVATURE_MAX_KHAT = 1000, 0.7
 #: Base draws of the sample-average ELBO.
 GAUSSIAN_STAGE_DRAWS = 64
 #: L-BFGS iterations in all (each may evaluate the ELBO more than once in its line search).
@@ -60,7 +65,8 @@ class GaussianStageResult:
 
     ``before`` and ``after`` are minus the ELBO on fresh draws (not those it
     was fitted on) at the start and at the stage's end; ``accepted`` says
-    whether the guide kept the stage's values; ``reason`` says why not.
+    whether the guide kept the stage's values; ``reason`` says why not;
+    ``curvature`` says what :func:`curvature_stage` did after a kept stage.
     """
 
     accepted: bool
@@ -68,6 +74,7 @@ class GaussianStageResult:
     after: float
     evaluations: int
     reason: str = ""
+    curvature: str = ""
 
 
 def gaussian_stage(
@@ -163,10 +170,98 @@ def gaussian_stage(
             with torch.no_grad():
                 packed.copy_(start)
             return GaussianStageResult(False, before, after, evaluations, "the ELBO on fresh draws did not improve")
-        # Adam's later steps on the location then move it by lr of the stage's scales, not by lr.
         views = guide._packing.bind(packed)
-        set_location_unit(views, views["log_scale"].detach().exp())
-        return GaussianStageResult(True, before, after, evaluations)
+        scales = views["log_scale"].detach().exp().clone()
+        curvature = curvature_stage(model, guide, args, kwargs, after, elbo, seed)
+        # Adam's later steps on the location then move it by lr of the stage's scales, not by lr.
+        set_location_unit(views, scales)
+        return GaussianStageResult(True, before, after, evaluations, curvature=curvature)
+
+
+def _fixed_draw_loss(model, guide, args: tuple, kwargs: dict, elbo, draw_seed: int) -> torch.Tensor:
+    """Minus the ELBO of ``guide``'s affine stage alone at the draws of ``draw_seed`` (plain reparameterised gradient)."""
+    estimator, guide.estimator = guide.estimator, "reparam"
+    try:
+        torch.manual_seed(draw_seed)
+        with guide.without_flow():
+            return elbo.differentiable_loss(model, guide, *args, **kwargs)
+    finally:
+        guide.estimator = estimator
+        guide.clear_cache()
+
+
+def curvature_stage(model, guide, args: tuple, kwargs: dict, after: float, elbo, seed: int = 0) -> str:
+    r"""Gives a fitted diagonal stage the covariance of the log joint's mean curvature.
+
+    With :math:`q` the stage's Gaussian, :math:`P = \mathbb{E}_q[-\nabla^2 \log p]`
+    (the Hessian of minus the fixed-draw ELBO in the location; one double
+    backward pass per coordinate) is the precision at which a Gaussian
+    :math:`q` is stationary, and exact for a Gaussian posterior. The affine
+    stage's covariance becomes :math:`P^{-1}`, and its location takes one
+    Newton step, :math:`P^{-1} \nabla \log p` at the location. The guide
+    keeps them if :math:`P` is positive definite, minus the ELBO on fresh
+    draws (seed ``seed + 1``) goes below ``after``, and the new Gaussian
+    explains the posterior: PSIS k-hat of :data:`CURVATURE_KHAT_DRAWS` draws
+    at most :data:`CURVATURE_MAX_KHAT`. A Gaussian held where it does not (a
+    multimodal posterior, a funnel) would keep the flow from reaching the
+    rest. Otherwise the guide is left as it was. Runs only on a guide with a
+    triangular factor and a learnable flow. Returns what it did:
+    ``"kept"``, or why not.
+    """
+    packed = pyro.get_param_store()[guide.packed_param_name]
+    views = guide._packing.bind(packed)
+    if "scale_tril" not in views or not guide.has_learnable_flow:
+        return "no factor or no flow"
+    start = packed.detach().clone()
+    loc = guide.affine_mask(("loc",))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            grad = torch.autograd.grad(_fixed_draw_loss(model, guide, args, kwargs, elbo, seed), packed,
+                                       create_graph=True)[0][loc]
+            rows = [torch.autograd.grad(grad[i], packed, retain_graph=i + 1 < grad.numel())[0][loc]
+                    for i in range(grad.numel())]
+            unit = views["loc_unit"].detach().double()  # the shift is loc * unit
+            precision = torch.stack(rows).double() / unit[:, None] / unit[None, :]
+            chol, info = torch.linalg.cholesky_ex((precision + precision.mT) / 2)
+            if info != 0 or not torch.isfinite(chol).all():
+                return "the mean curvature is not positive definite"
+            covariance = torch.cholesky_inverse(chol)
+            factor = torch.linalg.cholesky(covariance)
+            scale = factor.diagonal()
+            raw = (factor / scale[:, None]).tril(-1)
+            if guide._factor_scaled:
+                raw = raw / row_scale(raw.shape[-1], raw)
+            with torch.no_grad():
+                views["log_scale"].sub_(math.log(1e3))  # nearly a point mass at the location
+            point = torch.autograd.grad(_fixed_draw_loss(model, guide, args, kwargs, elbo, seed), packed)[0][loc]
+            with torch.no_grad():
+                views["log_scale"].add_(math.log(1e3))
+                shift = affine_shift(views).double() - covariance @ (point.double() / unit)
+                write_affine_shift(views, shift.to(packed.dtype))
+                views["log_scale"].copy_(scale.log().to(packed.dtype))
+                views["scale_tril"].copy_(raw.to(packed.dtype))
+                new = float(_fixed_draw_loss(model, guide, args, kwargs, elbo, seed + 1))
+            reason = "the ELBO on fresh draws did not improve"
+            if math.isfinite(new) and new < after:
+                torch.manual_seed(seed + 2)
+                with guide.without_flow():
+                    log_weights = vectorized_importance_weights(
+                        model, guide, *args, num_samples=CURVATURE_KHAT_DRAWS,
+                        max_plate_nesting=elbo.max_plate_nesting, normalized=False, **kwargs)[0]
+                guide.clear_cache()
+                log_weights = log_weights.detach().double()
+                # Nearly equal weights (as diagnostics.psis reads them): the Gaussian is the posterior, whatever
+                # shape the tail fit takes.
+                flat = float(log_weights.std()) < 0.05
+                khat = -math.inf if flat else psislw(log_weights.numpy())[1]
+                if khat <= CURVATURE_MAX_KHAT:
+                    return "kept"
+                reason = f"the Gaussian does not explain the posterior (PSIS k-hat {khat:.2f} > {CURVATURE_MAX_KHAT})"
+    except Exception as err:  # noqa: BLE001 - as the stage: the guide goes on from the diagonal stage
+        reason = f"{type(err).__name__}: {err}"
+    with torch.no_grad():
+        packed.copy_(start)
+    return reason
 
 
 def stage_at_setup(guide, args: tuple, kwargs: dict) -> GaussianStageResult:
