@@ -244,7 +244,7 @@ def curvature_stage(model, guide, args: tuple, kwargs: dict, after: float, elbo,
             reason = "the ELBO on fresh draws did not improve"
             if math.isfinite(new) and new < after:
                 torch.manual_seed(seed + 2)
-                with guide.without_flow():
+                with guide.without_flow(), torch.no_grad():
                     log_weights = vectorized_importance_weights(
                         model, guide, *args, num_samples=CURVATURE_KHAT_DRAWS,
                         max_plate_nesting=elbo.max_plate_nesting, normalized=False, **kwargs)[0]
