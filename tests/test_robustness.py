@@ -223,8 +223,8 @@ def test_the_curvature_stage_gives_a_gaussian_posterior_its_covariance():
     with torch.no_grad():
         draws = guide.sample_posterior(20000)  # the flow is still the identity: the stage's Gaussian
     flat = torch.cat([draws["x0"].unsqueeze(-1), draws["steps"]], -1).double()
-    # The location is the diagonal stage's (64 fixed draws: about 0.3 sds off here); Adam's steps fix the rest.
-    assert float(((flat.mean(0) - mean) / cov.diagonal().sqrt()).abs().max()) < 0.5
+    # The diagonal stage's 64 fixed draws leave the location about 0.3 sds off here; the Newton step removes that.
+    assert float(((flat.mean(0) - mean) / cov.diagonal().sqrt()).abs().max()) < 0.05
     chol = torch.linalg.cholesky(cov)
     half = torch.linalg.solve_triangular(chol, torch.cov(flat.T), upper=False)
     whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)  # identity for the exact covariance
