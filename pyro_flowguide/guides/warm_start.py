@@ -250,8 +250,8 @@ def curvature_stage(model, guide, args: tuple, kwargs: dict, after: float, elbo,
                         max_plate_nesting=elbo.max_plate_nesting, normalized=False, **kwargs)[0]
                 guide.clear_cache()
                 log_weights = log_weights.detach().double()
-                # Nearly equal weights (as diagnostics.psis reads them): the Gaussian is the posterior, whatever
-                # shape the tail fit takes.
+                # Nearly equal weights: the Gaussian is the posterior, whatever shape the tail fit takes. The
+                # bound is diagnostics.psis.FLAT_LOG_WEIGHT_SD's, which this layer may not import.
                 flat = float(log_weights.std()) < 0.05
                 khat = -math.inf if flat else psislw(log_weights.numpy())[1]
                 if khat <= CURVATURE_MAX_KHAT:
